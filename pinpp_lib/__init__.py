@@ -1,0 +1,1 @@
+"""PartImageNet++ reproduction kit."""

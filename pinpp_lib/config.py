@@ -1,0 +1,124 @@
+"""The one place that turns a profile ("smoke" | "full") into concrete settings.
+
+Each component owns its defaults in its own dataclass (`SynthConfig`, `ConvertConfig`,
+`TransformConfig`, ...); defaults are the paper's recipe where the paper has one. A profile here is
+only a set of overrides plus the data paths, so nothing else in the kit branches on the profile.
+
+    smoke  the embedded synthetic release, generated on the fly under <data_root>/synthetic
+    full   the real release + ImageNet (paths below, or passed explicitly)
+
+Full-profile data layout under `data_root` (default `<repo>/data/full`; override any path):
+
+    pinpp/                    the Hugging Face release (json/, including/, discarded_data.json)
+    imagenet/train/<wnid>/    ImageNet-1K train images
+    imagenet/val/             ImageNet-1K val images (flat, or in <wnid>/ folders)
+    imagenet/val_list.txt     the authors' 10-per-class list, "<wnid>/<file> <label>"
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .convert import ConvertConfig
+from .datasets import TransformConfig
+from .fileio import PinppError
+from .runmeta import repo_root
+from .synthetic import SynthConfig
+
+PROFILES = ("smoke", "full")
+
+# Overrides per profile and component. The component defaults are the full (paper) values.
+_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    "smoke": {
+        "synth": {},  # SynthConfig's defaults are the smoke size
+        "convert": {"workers": 1},
+        "transform": {"size": 64},
+        "stats": {"figure_images": 8},
+    },
+    "full": {
+        "convert": {"workers": max(1, (os.cpu_count() or 1) - 1)},
+        "stats": {"figure_images": 12},
+    },
+}
+
+
+@dataclass
+class StatsConfig:
+    """Dataset-statistics settings (notebook 01)."""
+    figure_images: int = 12
+    seed: int = 0
+
+
+@dataclass
+class Paths:
+    """Where the data and results live for a run."""
+    data_root: Path
+    release: Path
+    imagenet_train: Path
+    imagenet_val: Path
+    val_list: Path
+    converted: Path
+    results: Path
+    synthetic: Path | None = None  # smoke only: the generated tree
+
+
+@dataclass
+class Settings:
+    """Everything a notebook or CLI job needs, resolved from a profile."""
+    profile: str
+    paths: Paths
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["paths"] = {k: (str(v) if v is not None else None) for k, v in d["paths"].items()}
+        return d
+
+
+def _apply(obj: Any, overrides: dict[str, Any], where: str) -> Any:
+    names = {f.name for f in dataclasses.fields(obj)}
+    bad = set(overrides) - names
+    if bad:
+        raise PinppError(f"unknown setting(s) {sorted(bad)} for {where}; known: {sorted(names)}")
+    return dataclasses.replace(obj, **overrides)
+
+
+def resolve(profile: str = "smoke", data_root: str | Path | None = None, results_dir: str | Path | None = None,
+            seed: int | None = None, overrides: dict[str, dict[str, Any]] | None = None, **paths: str | Path) -> Settings:
+    """Resolve `profile` into Settings.
+
+    `overrides` is {component: {field: value}} on top of the profile (e.g. {"synth": {"classes": 20}});
+    `seed` sets every component's seed; `paths` overrides single paths (release=..., imagenet_train=...).
+    """
+    if profile not in PROFILES:
+        raise PinppError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    root = Path(data_root) if data_root else repo_root() / "data" / profile
+    if profile == "smoke":
+        syn = root / "synthetic"
+        base = Paths(root, syn / "release", syn / "imagenet" / "train", syn / "imagenet" / "val",
+                     syn / "imagenet" / "val_list.txt", root / "converted", Path(results_dir or repo_root() / "results"), syn)
+    else:
+        base = Paths(root, root / "pinpp", root / "imagenet" / "train", root / "imagenet" / "val",
+                     root / "imagenet" / "val_list.txt", root / "converted", Path(results_dir or repo_root() / "results"))
+    unknown = set(paths) - {f.name for f in dataclasses.fields(Paths)}
+    if unknown:
+        raise PinppError(f"unknown path(s) {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(Paths)]}")
+    base = dataclasses.replace(base, **{k: Path(v) for k, v in paths.items() if v is not None})
+    s = Settings(profile, base)
+    merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in _OVERRIDES[profile].items()}
+    for comp, vals in (overrides or {}).items():
+        merged.setdefault(comp, {}).update(vals)
+    for comp, vals in merged.items():
+        if not hasattr(s, comp) or comp == "paths":
+            raise PinppError(f"unknown component {comp!r} in overrides")
+        setattr(s, comp, _apply(getattr(s, comp), vals, comp))
+    if seed is not None:
+        for comp in ("synth", "convert", "stats"):
+            setattr(s, comp, dataclasses.replace(getattr(s, comp), seed=seed))
+    return s

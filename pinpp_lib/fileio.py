@@ -1,0 +1,92 @@
+"""Atomic file writes and the kit's user-facing error type.
+
+Every artefact the kit writes (converted masks, COCO JSONs, tables, run records) goes through
+these helpers so that a crash or kill never leaves a half-written file behind: data is written to
+a temporary file in the destination folder and then renamed over the target (rename is atomic on
+POSIX within one filesystem).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class PinppError(Exception):
+    """An error the user can fix. Its message is one line: the file, the record and the fix.
+
+    The CLI prints it without a traceback; notebooks show it as the cell's error.
+    """
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it onto `target` if the block succeeds.
+
+    The temporary name keeps the target's extension (libraries such as PIL and cv2 pick the
+    format from it) and starts with `._tmp` so that readers globbing for outputs ignore it.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="._tmp", suffix=suffix if suffix is not None else target.suffix,
+                               dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(target: str | os.PathLike, text: str) -> None:
+    """Write `text` to `target` atomically."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(text)
+
+
+def write_bytes(target: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `target` atomically."""
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(target: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
+    """Serialise `obj` as JSON to `target` atomically."""
+    write_text(target, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "file", fix: str = "re-create or re-download it") -> Any:
+    """Load JSON, turning a parse error into a one-line PinppError that names the file and the fix."""
+    path = Path(path)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise PinppError(f"{path}: {what} not found; {fix}") from None
+    except json.JSONDecodeError as e:
+        raise PinppError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); {fix}") from None
+    except UnicodeDecodeError:
+        raise PinppError(f"{path}: not a UTF-8 text file; {fix}") from None
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_save_image(img, target: str | os.PathLike, **save_kwargs: Any) -> None:
+    """Save a PIL image atomically; the format comes from the target's extension (.JPEG → JPEG)."""
+    target = Path(target)
+    fmt = {".jpeg": "JPEG", ".jpg": "JPEG", ".png": "PNG"}.get(target.suffix.lower())
+    with atomic_path(target) as tmp:
+        img.save(tmp, format=fmt, **save_kwargs)

@@ -1,0 +1,38 @@
+"""Data preparation (notebook 00): make or verify the data, then convert it (paper §3, facts §1–§3).
+
+With a synthetic path in the settings (smoke) the stand-in release is generated first; otherwise the
+real release and ImageNet are checked to be where the settings say. Either way the same
+`convert.convert` produces the MPM layout, the segmentation-benchmark COCO files and `parts.json`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import convert, synthetic
+from .config import Settings
+from .fileio import PinppError
+
+WHERE = {
+    "release": "the PIN++ annotation release (Hugging Face lixiao20/PartImageNetPP: json/, including/, discarded_data.json)",
+    "imagenet_train": "ImageNet-1K train images in <wnid>/ folders",
+    "imagenet_val": "ImageNet-1K val images (flat or in <wnid>/ folders)",
+    "val_list": "the 10-per-class evaluation list, lines '<wnid>/<file> <label>'",
+}
+
+
+def check_inputs(s: Settings) -> None:
+    """Fail with one line per missing input, naming the expected path and what belongs there."""
+    for name, what in WHERE.items():
+        p: Path = getattr(s.paths, name)
+        if not p.exists():
+            raise PinppError(f"{p}: not found — expected {what}; put it there or pass {name}=PATH "
+                             f"(see the data layout in README.md)")
+
+
+def prepare_data(s: Settings, workers: int | None = None) -> dict:
+    """Generate (if synthetic) and convert the data for `s`; return the conversion summary."""
+    if s.paths.synthetic is not None:
+        synthetic.generate(s.paths.synthetic, s.synth, workers=workers or s.convert.workers)
+    check_inputs(s)
+    return convert.convert(s.paths.release, s.paths.imagenet_train, s.paths.converted,
+                           s.paths.imagenet_val, s.paths.val_list, s.convert)

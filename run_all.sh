@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Regenerate every paper table: runs notebooks/NN_*.ipynb in order with papermill.
+#
+#   ./run_all.sh                      smoke profile (synthetic data, CPU, minutes)
+#   ./run_all.sh --profile full --data-root /data/pinpp_full
+#   ./run_all.sh --only 00,01         just those notebooks
+#
+# Executed copies go to results/executed/. The first failing notebook stops the run: it is named,
+# the exit status is non-zero, and results written by earlier notebooks stay as they are.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PROFILE=smoke DATA_ROOT="" ONLY="" RESULTS_DIR=""
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -p|--profile) PROFILE="$2"; shift 2 ;;
+    --data-root) DATA_ROOT="$2"; shift 2 ;;
+    --results-dir) RESULTS_DIR="$2"; shift 2 ;;
+    --only) ONLY="$2"; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+[[ $PROFILE == smoke || $PROFILE == full ]] || { echo "run_all.sh: --profile must be smoke or full, not '$PROFILE'" >&2; exit 2; }
+
+"$ROOT/scripts/setup_env.sh"   # installs what is missing; a no-op when the venv is current
+PY="$ROOT/.venv/bin/python"
+RESULTS="${RESULTS_DIR:-$ROOT/results}"
+mkdir -p "$RESULTS/executed"
+
+mapfile -t NOTEBOOKS < <(cd "$ROOT/notebooks" && ls [0-9][0-9]_*.ipynb | sort)
+selected=()
+for nb in "${NOTEBOOKS[@]}"; do
+  if [[ -z $ONLY || ",$ONLY," == *",${nb:0:2},"* ]]; then selected+=("$nb"); fi
+done
+if [[ -n $ONLY ]]; then
+  for want in ${ONLY//,/ }; do
+    printf '%s\n' "${selected[@]}" | grep -q "^$want" || { echo "run_all.sh: no notebook notebooks/${want}_*.ipynb (have: ${NOTEBOOKS[*]})" >&2; exit 2; }
+  done
+fi
+
+params=(-p PROFILE "$PROFILE")
+[[ -n $DATA_ROOT ]] && params+=(-p DATA_ROOT "$(cd "$DATA_ROOT" 2>/dev/null && pwd || echo "$DATA_ROOT")")
+[[ -n $RESULTS_DIR ]] && params+=(-p RESULTS_DIR "$RESULTS")
+start=$SECONDS
+for nb in "${selected[@]}"; do
+  echo "== run_all: $nb (profile $PROFILE)"
+  t0=$SECONDS
+  if ! "$PY" -m papermill "$ROOT/notebooks/$nb" "$RESULTS/executed/$nb" "${params[@]}" \
+        --cwd "$ROOT/notebooks" -k python3 --progress-bar --request-save-on-cell-execute; then
+    echo "run_all.sh: notebook $nb FAILED; see $RESULTS/executed/$nb. Results of earlier notebooks are intact." >&2
+    exit 1
+  fi
+  echo "== run_all: $nb done in $((SECONDS - t0)) s"
+done
+echo "run_all: ${#selected[@]} notebook(s) in $((SECONDS - start)) s; tables in $RESULTS (index: $RESULTS/README.md)"

@@ -1,0 +1,111 @@
+"""Tier 2: papermill runs of the notebooks on the synthetic data, and run_all.sh's behaviour."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import papermill as pm
+import pytest
+
+from pinpp_lib import release, stats
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+pytestmark = pytest.mark.notebooks
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_conventions(nb):
+    n = nbformat.read(nb, as_version=4)
+    assert "parameters" in n.cells[0].metadata.get("tags", [])
+    assert 'PROFILE = "smoke"' in n.cells[0].source
+    assert n.cells[1].cell_type == "markdown"
+    for word in ("Regenerates", "Command", "Runtime", "Inputs", "Outputs"):
+        assert word in n.cells[1].source
+    assert n.metadata.kernelspec.name and n.metadata.language_info.name == "python"
+    for c in n.cells:
+        if c.cell_type == "code":
+            assert "def " not in c.source and "class " not in c.source  # thin: logic lives in pinpp_lib
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    data, results = tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("results")
+    for nb in [p for p in NOTEBOOKS if p.name[:2] in ("00", "01")]:
+        pm.execute_notebook(str(nb), str(results / nb.name), parameters={"DATA_ROOT": str(data), "RESULTS_DIR": str(results)},
+                            kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
+    return data, results
+
+
+def test_prepare_and_statistics_notebooks(smoke_run):
+    data, results = smoke_run
+    conv = data / "converted"
+    assert (conv / "parts.json").exists() and (conv / "seg_benchmark" / "parts_test.json").exists()
+    for name in ("table1_part_masks_per_image", "table2_dataset_comparison", "inclusion_relations", "data_conversion_summary"):
+        for ext in ("csv", "md", "tex"):
+            assert (results / f"{name}.{ext}").exists(), name
+    for fig in ("fig1_part_overlays.png", "fig_parts_per_class.png"):
+        assert (results / fig).stat().st_size > 10_000
+    # the table holds what a direct computation on the same release gives
+    rel = release.load_release(data / "synthetic" / "release")
+    direct = stats.table1(stats.image_records(rel)).set_index("part masks per image")["share (%)"]
+    t1 = pd.read_csv(results / "table1_part_masks_per_image.csv").set_index("part masks per image")["share (%) (ours)"]
+    assert (direct - t1).abs().max() < 1e-9
+    t2 = pd.read_csv(results / "table2_dataset_comparison.csv")
+    assert t2.iloc[0]["object categories"] == len(rel.classes)
+    for nb in ("00_prepare_data", "01_dataset_statistics"):
+        meta = json.loads((results / "run_meta" / f"{nb}.json").read_text())
+        assert meta["profile"] == "smoke" and meta["packages"]["torch"] and "commit" in meta["git"]
+    index = json.loads((results / "index.json").read_text())
+    assert index["table1_part_masks_per_image.md"]["paper"] == "Table 1"
+    assert index["fig1_part_overlays.png"]["paper"] == "Fig. 1"
+
+
+def _scratch_kit(tmp_path: Path, notebooks: dict[str, str]) -> Path:
+    """A copy of run_all.sh with a no-op setup step, the real venv, and the given notebooks."""
+    kit = tmp_path / "kit"
+    (kit / "scripts").mkdir(parents=True)
+    (kit / "notebooks").mkdir()
+    shutil.copy(ROOT / "run_all.sh", kit / "run_all.sh")
+    (kit / "scripts" / "setup_env.sh").write_text("#!/usr/bin/env bash\n")
+    (kit / "scripts" / "setup_env.sh").chmod(0o755)
+    (kit / ".venv").symlink_to(Path(sys.prefix))
+    for name, code in notebooks.items():
+        n = nbformat.v4.new_notebook()
+        n.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                      "language_info": {"name": "python"}}
+        params = nbformat.v4.new_code_cell('PROFILE = "smoke"\nDATA_ROOT = None\nRESULTS_DIR = None')
+        params.metadata["tags"] = ["parameters"]
+        n.cells = [params, nbformat.v4.new_code_cell(code)]
+        nbformat.write(n, kit / "notebooks" / name)
+    return kit
+
+
+def test_run_all_stops_at_first_failure_and_keeps_earlier_results(tmp_path):
+    write = "import pathlib; pathlib.Path('../results/{}.txt').write_text(PROFILE)"
+    kit = _scratch_kit(tmp_path, {"00_a.ipynb": write.format("a"), "01_b.ipynb": "raise RuntimeError('boom')",
+                                  "02_c.ipynb": write.format("c")})
+    r = subprocess.run(["bash", str(kit / "run_all.sh")], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1
+    assert "01_b.ipynb FAILED" in r.stderr
+    assert (kit / "results" / "a.txt").read_text() == "smoke"
+    assert not (kit / "results" / "c.txt").exists()
+    assert (kit / "results" / "executed" / "01_b.ipynb").exists()
+
+
+def test_run_all_only_and_profile(tmp_path):
+    write = "import pathlib; pathlib.Path('../results/{}.txt').write_text(PROFILE)"
+    kit = _scratch_kit(tmp_path, {"00_a.ipynb": write.format("a"), "01_b.ipynb": write.format("b")})
+    r = subprocess.run(["bash", str(kit / "run_all.sh"), "--only", "01", "--profile", "full"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (kit / "results" / "b.txt").read_text() == "full" and not (kit / "results" / "a.txt").exists()
+    r = subprocess.run(["bash", str(kit / "run_all.sh"), "--only", "07"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no notebook notebooks/07_*.ipynb" in r.stderr
+    r = subprocess.run(["bash", str(kit / "run_all.sh"), "--profile", "huge"], capture_output=True, text=True)
+    assert r.returncode == 2 and "smoke or full" in r.stderr
