@@ -61,6 +61,86 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_sets(items: list[str]) -> dict:
+    """--set a.b=value pairs → nested dict; values are Python literals (strings need no quotes)."""
+    import ast
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise PinppError(f"--set {item!r}: expected key=value (e.g. --set epochs=3)")
+        key, raw = item.split("=", 1)
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        node = out
+        *path, last = key.split(".")
+        for k in path:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return out
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import mpm_experiments as mx
+    from .config import apply_overrides, resolve
+    from .training import train
+    s = resolve(a.profile, data_root=a.data_root, seed=a.seed)
+    runs = mx.plan(s.mpm, s.paths.converted)
+    if a.run not in runs:
+        raise PinppError(f"unknown run {a.run!r}; runs of this profile: {', '.join(runs)}")
+    work = Path(a.work) if a.work else s.paths.data_root / "runs" / "mpm"
+    tc = apply_overrides(mx.resolve_init(a.run, runs[a.run], s.mpm, work), _parse_sets(a.set), "train config")
+    result = train(tc, s.paths.converted, work / a.run, resume=not a.restart)
+    if result:
+        print(json.dumps({k: v for k, v in result.items() if k not in ("config", "classes")}, indent=1))
+    return 0
+
+
+def _cmd_eval_aa(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import mpm_experiments as mx
+    from . import robust_eval
+    from .config import apply_overrides, resolve
+    from .datasets import TransformConfig
+    from .training import load_trained
+    s = resolve(a.profile, data_root=a.data_root, seed=a.seed)
+    model, meta = load_trained(a.run_dir, s.mpm.device)
+    tcfg = TransformConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"]["transform"].items()})
+    x, y = mx.eval_images(s.paths.converted, tcfg, a.start, a.end)
+    ecfg = apply_overrides(s.mpm.eval, {"threats": tuple(a.threat or s.mpm.eval.threats), "mode": a.mode}, "eval config")
+    if a.mode == "pgd":
+        print("note: PGD dev mode is NOT the standard AutoAttack evaluation; do not report these numbers as such",
+              file=sys.stderr)
+    records = robust_eval.evaluate(model, x, y, meta["num_classes"], ecfg, Path(a.run_dir) / "aa", a.start, s.mpm.device)
+    print(json.dumps(robust_eval.summarise(records), indent=1))
+    return 0
+
+
+def _cmd_human(a: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from . import human_consistency as H
+    trials = H.load_trials(a.trials, a.dataset)
+    if a.decisions:
+        dec = pd.read_csv(a.decisions, dtype=str)
+        if "key" not in dec.columns and "imagename" in dec.columns:
+            dec["key"] = dec["imagename"].map(H.image_key)
+        missing = {"dataset", "key", "decision"} - set(dec.columns)
+        if missing:
+            raise PinppError(f"{a.decisions}: missing column(s) {sorted(missing)}; expected dataset, imagename (or key), decision")
+        _, agg = H.model_vs_humans(dec, trials)
+        print("model vs humans")
+    else:
+        _, agg = H.human_ceiling(trials)
+        print("human noise ceiling (each subject vs the other subjects)")
+    print(agg.round(3).to_string())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pinpp", description="PartImageNet++ reproduction kit")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -99,6 +179,34 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-root")
     r.add_argument("--seed", type=int)
     r.set_defaults(fn=_cmd_prepare)
+
+    tr = sub.add_parser("train", help="train one run of notebook 05 (also under torchrun for DDP)")
+    tr.add_argument("--run", required=True, help="run name, e.g. at_mpm, at_plain, clean_vanilla (see notebook 05)")
+    tr.add_argument("--profile", default="smoke", choices=("smoke", "full"))
+    tr.add_argument("--data-root")
+    tr.add_argument("--work", help="folder of the runs (default <data-root>/runs/mpm)")
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
+    tr.add_argument("--restart", action="store_true", help="ignore existing checkpoints (default: resume)")
+    tr.set_defaults(fn=_cmd_train)
+
+    ev = sub.add_parser("eval-aa", help="AutoAttack (or PGD dev mode) per-image records for a trained run")
+    ev.add_argument("--run-dir", required=True)
+    ev.add_argument("--profile", default="smoke", choices=("smoke", "full"))
+    ev.add_argument("--data-root")
+    ev.add_argument("--seed", type=int)
+    ev.add_argument("--threat", action="append", choices=("Linf-4/255", "L2-2.0", "L1-75", "Linf-8/255"))
+    ev.add_argument("--start", type=int, default=0, help="first image of this shard in the evaluation list")
+    ev.add_argument("--end", type=int, help="one past the last image of this shard")
+    ev.add_argument("--mode", choices=("autoattack", "pgd"), default="autoattack")
+    ev.set_defaults(fn=_cmd_eval_aa)
+
+    hc = sub.add_parser("human-consistency", help="model-vs-human metrics of a model's decisions, or the human ceiling")
+    hc.add_argument("--decisions", help="CSV with dataset, imagename (or key), decision (one of the 16 categories); "
+                                        "omit for the human noise ceiling")
+    hc.add_argument("--trials", help="folder of human trial CSVs (default: the copy shipped with the kit)")
+    hc.add_argument("--dataset", action="append", help="restrict to these datasets (repeatable)")
+    hc.set_defaults(fn=_cmd_human)
     return p
 
 

@@ -101,15 +101,16 @@ def list_image_folder(img_root: Path) -> tuple[list[str], list[tuple[str, int]]]
 class PartSegDataset(Dataset):
     """(image, part mask, label, seg weight) from `<root>/train/img` + `<root>/train/seg`.
 
-    Images without a mask, or with a blank one, get seg weight 0 (the authors' rule). With
+    Images without a mask, or with a blank one, get seg weight 0 (the authors' rule). `seg_dir`
+    selects the label maps (`seg`: real labels; notebook 04 writes real + pseudo variants). With
     `object_mask=True` the target becomes `class_index + 1` wherever any part is present (the
     object-supervision ablation, 1000 + 1 classes).
     """
 
     def __init__(self, root: str | Path, transform: JointTrainTransform | None = None, object_mask: bool = False,
-                 only_annotated: bool = False):
+                 only_annotated: bool = False, seg_dir: str = "seg"):
         self.root = Path(root)
-        self.img_root, self.seg_root = self.root / "train" / "img", self.root / "train" / "seg"
+        self.img_root, self.seg_root = self.root / "train" / "img", self.root / "train" / seg_dir
         self.classes, samples = list_image_folder(self.img_root)
         parts = fileio.read_json(self.root / "parts.json", "part table", "re-run `pinpp convert`")
         self.num_parts = len(parts)

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 class PinppError(Exception):
@@ -90,3 +90,24 @@ def atomic_save_image(img, target: str | os.PathLike, **save_kwargs: Any) -> Non
     fmt = {".jpeg": "JPEG", ".jpg": "JPEG", ".png": "PNG"}.get(target.suffix.lower())
     with atomic_path(target) as tmp:
         img.save(tmp, format=fmt, **save_kwargs)
+
+
+def write_hashed(out_dir: str | os.PathLike, name_for: Callable[[str], str], write: Callable[[Path], None]) -> tuple[Path, str]:
+    """Write via `write(tmp_path)`, then rename to `out_dir / name_for(sha256)`; return (path, sha256).
+
+    The content hash names the file (checkpoints carry their sha256), and the rename is atomic.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="._tmp", suffix=".part", dir=out_dir)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        sha = sha256_file(tmp_path)
+        final = out_dir / name_for(sha)
+        os.replace(tmp_path, final)
+        return final, sha
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import sys
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -34,7 +35,7 @@ from .synthetic_shapes import SHAPES, ClassTemplate, Placement, class_template, 
 
 @dataclass
 class SynthConfig:
-    """Size and seed of a synthetic release. Defaults are the smoke profile's sizes."""
+    """Size and seed of a synthetic release (the smoke profile sets its own sizes in `config`)."""
     classes: int = 8
     images_per_class: int = 24
     unannotated_per_class: int = 8
@@ -98,8 +99,8 @@ def render(tpl: ClassTemplate, rng: np.random.Generator, width: int, height: int
     img = Image.fromarray(np.ascontiguousarray(bg))
     draw = ImageDraw.Draw(img)
     side = min(width, height)
-    for _ in range(int(rng.integers(3, 9))):
-        pl = Placement(rng.uniform(0, width), rng.uniform(0, height), *(rng.uniform(0.05, 0.3, 2) * side),
+    for _ in range(int(rng.integers(2, 6))):
+        pl = Placement(rng.uniform(0, width), rng.uniform(0, height), *(rng.uniform(0.04, 0.2, 2) * side),
                        rng.uniform(0, 360))
         draw.polygon([tuple(p) for p in shape_polygon(SHAPES[int(rng.integers(4))], pl)], fill=_random_colour(rng))
 
@@ -111,7 +112,7 @@ def render(tpl: ClassTemplate, rng: np.random.Generator, width: int, height: int
     largest = max(range(len(tpl.parts)), key=lambda i: sum(pl.w * pl.h for pl in tpl.parts[i].placements))
     hideable = {i for i, p in enumerate(tpl.parts) if i != largest and p.name not in parents}
     for i in range(n_instances):
-        scale = side * (rng.uniform(0.3, 0.42) if n_instances == 1 else rng.uniform(0.17, 0.23))
+        scale = side * (rng.uniform(0.34, 0.44) if n_instances == 1 else rng.uniform(0.18, 0.24))
         cx = width * ((0.5 if n_instances == 1 else (i + 0.5) / n_instances) + rng.uniform(-0.08, 0.08))
         cy = height * (0.5 + rng.uniform(-0.12, 0.12))
         a = np.deg2rad(rng.uniform(-20, 20))
@@ -209,7 +210,9 @@ def generate(out: str | Path, cfg: SynthConfig | None = None, workers: int = 1) 
     classes = sorted(synth_classes(cfg.classes))  # sorted wnids = label order, as in ImageFolder
     jobs = [(i, c, cfg, out, i * cfg.val_per_class) for i, c in enumerate(classes)]
     if workers > 1:
-        with mp.get_context("spawn").Pool(workers) as pool:
+        # fork: the workers only use numpy/PIL (no torch/OpenMP state), and scripts need no __main__ guard
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ctx.Pool(workers) as pool:
             results = list(tqdm(pool.imap(_class_job, jobs), total=len(jobs), desc="synth classes"))
     else:
         results = [_class_job(j) for j in tqdm(jobs, desc="synth classes")]

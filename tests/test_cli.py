@@ -30,3 +30,20 @@ def test_usage_errors():
     assert r.returncode == 2 and "required" in r.stderr
     r = _pinpp("synth", "--out", "/tmp/never-made", "--classes", "0")
     assert r.returncode == 2 and r.stderr.strip() == "pinpp synth: error: --classes 0: choose between 1 and 1000"
+
+
+def test_human_consistency_command(tmp_path):
+    r = _pinpp("human-consistency", "--dataset", "sketch")
+    assert r.returncode == 0 and "human noise ceiling" in r.stdout and "sketch" in r.stdout
+    bad = tmp_path / "d.csv"
+    bad.write_text("dataset,decision\nsketch,dog\n")
+    r = _pinpp("human-consistency", "--decisions", str(bad), "--dataset", "sketch")
+    assert r.returncode == 2 and "missing column(s) ['key']" in r.stderr
+
+
+def test_set_parsing_and_unknown_run():
+    from pinpp_lib.cli import _parse_sets
+    assert _parse_sets(["epochs=3", "transform.size=32", "init=none", "lam=0.5"]) == {
+        "epochs": 3, "transform": {"size": 32}, "init": "none", "lam": 0.5}
+    r = _pinpp("train", "--run", "nope", "--data-root", "/tmp/never-made")
+    assert r.returncode == 2 and "unknown run 'nope'" in r.stderr

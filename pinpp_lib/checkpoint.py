@@ -1,0 +1,94 @@
+"""Checkpoints and EMA for training (paper App. C: EMA 0.9998, EMA weights are evaluated).
+
+A checkpoint is written to a temporary file, hashed, and renamed to `ckpt_<step>_<sha12>.pt`; then
+`latest.json` (also atomic) points at it with its full sha256. Loading verifies the hash and uses
+`torch.load(weights_only=True)`, so a checkpoint holds only tensors and plain Python values.
+A kill at any moment leaves either the previous or the new checkpoint, never a torn one.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import fileio
+from .fileio import PinppError
+
+
+class EMA:
+    """Exponential moving average of a model's parameters and buffers.
+
+    The decay ramps up as min(decay, (1 + n) / (10 + n)) over the n updates so far (timm's warm-up
+    form), so short runs still average over their recent steps rather than their initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.mul_(d).add_(m.detach(), alpha=1 - d)
+            else:
+                e.copy_(m)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "decay": self.decay, "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.decay, self.updates = state["decay"], state["updates"]
+
+
+def save(out_dir: str | os.PathLike, state: dict[str, Any], step: int, keep: int = 2) -> Path:
+    """Atomically save `state` as ckpt_<step>_<sha12>.pt, point latest.json at it, prune old ones."""
+    out_dir = Path(out_dir)
+    final, sha = fileio.write_hashed(out_dir, lambda h: f"ckpt_{step:08d}_{h[:12]}.pt", lambda p: torch.save(state, p))
+    fileio.write_json(out_dir / "latest.json", {"file": final.name, "sha256": sha, "step": step}, indent=1)
+    for old in sorted(out_dir.glob("ckpt_*_*.pt"))[:-keep]:
+        if old != final:
+            old.unlink(missing_ok=True)
+    return final
+
+
+def load(path: str | os.PathLike, sha256: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint safely (weights_only), checking its sha256 against `sha256` or its name."""
+    path = Path(path)
+    if not path.exists():
+        raise PinppError(f"{path}: checkpoint not found; check the path or re-run training")
+    digest = fileio.sha256_file(path)
+    expected = sha256 or (path.stem.rsplit("_", 1)[-1] if path.stem.startswith(("ckpt_", "ema_")) else None)
+    if expected and not digest.startswith(expected):
+        raise PinppError(f"{path}: sha256 {digest[:12]} does not match {expected[:12]}; the file is corrupt or "
+                         "was replaced — delete it and resume from an earlier checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors have many types; all mean an unusable file here
+        raise PinppError(f"{path}: not a loadable weights-only checkpoint ({type(e).__name__}); re-run training") from None
+
+
+def latest(out_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The newest checkpoint of a run directory (verified), or None if there is none."""
+    ptr = Path(out_dir) / "latest.json"
+    if not ptr.exists():
+        return None
+    info = fileio.read_json(ptr, "checkpoint pointer", "delete it to start over")
+    return load(Path(out_dir) / info["file"], info["sha256"])
+
+
+def save_weights(path_stem: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Save final weights as <stem>_<sha12>.pt (weights-only loadable) with a JSON sidecar of `meta`."""
+    stem = Path(path_stem)
+    final, sha = fileio.write_hashed(stem.parent, lambda h: f"{stem.name}_{h[:12]}.pt", lambda p: torch.save(state_dict, p))
+    fileio.write_json(stem.with_suffix(".json"), {**meta, "weights": final.name, "sha256": sha}, indent=1)
+    return final
