@@ -1,0 +1,109 @@
+"""ImageNet-C (paper App. D, Table A1): 15 corruptions × 5 severities on the evaluation list.
+
+As in Hendrycks & Dietterich, corruptions are applied to the evaluation crops (resize 256 → centre
+crop 224 in full), with the `imagecorruptions` implementation (PyPI `imagecorruptions-imaug`, the
+numpy-2-safe fork). The library draws from numpy's global RNG, so each (image, corruption,
+severity) is seeded from a stable hash: the same seed gives the same corrupted set on any run.
+An existing ImageNet-C folder (`<root>/<corruption>/<severity>/<wnid>/<file>`) can be read instead.
+Records are per image; accuracy per corruption is the mean over severities.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from . import fileio
+from .fileio import PinppError
+from .robust_eval import predict
+
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
+    "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur"),
+    "weather": ("snow", "frost", "fog", "brightness"),
+    "digital": ("contrast", "elastic_transform", "pixelate", "jpeg_compression"),
+}
+CORRUPTIONS = tuple(c for names in FAMILIES.values() for c in names)
+FAMILY_OF = {c: f for f, names in FAMILIES.items() for c in names}
+
+
+def image_seed(seed: int, index: int, corruption: str, severity: int) -> int:
+    """A 32-bit seed that depends only on its arguments (not on Python's hash randomisation)."""
+    digest = hashlib.sha256(f"{seed}|{index}|{corruption}|{severity}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def corrupt(img: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
+    """One corrupted copy of an (H, W, 3) uint8 image, deterministic for `seed`."""
+    from imagecorruptions import corrupt as _corrupt
+    if corruption not in CORRUPTIONS or not 1 <= severity <= 5:
+        raise PinppError(f"unknown corruption {corruption!r} or severity {severity}; "
+                         f"choose from {', '.join(CORRUPTIONS)} and 1..5")
+    if min(img.shape[:2]) < 32:
+        raise PinppError(f"image of {img.shape[1]}x{img.shape[0]} px: the corruptions need at least 32x32; evaluate larger crops")
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        out = _corrupt(img, corruption_name=corruption, severity=severity)
+    finally:
+        np.random.set_state(state)  # leave the caller's numpy RNG as it was
+    return np.clip(np.asarray(out), 0, 255).astype(np.uint8)[: img.shape[0], : img.shape[1]]
+
+
+def corrupt_batch(x: torch.Tensor, corruption: str, severity: int, seed: int, start: int = 0) -> torch.Tensor:
+    """Corrupt a batch of [0, 1] images (N, 3, H, W); image i is seeded by its list index start + i."""
+    imgs = (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    out = [corrupt(im, corruption, severity, image_seed(seed, start + i, corruption, severity)) for i, im in enumerate(imgs)]
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255
+
+
+def imagenet_c_paths(root: str | Path, corruption: str, severity: int, rel_paths: list[str]) -> list[Path]:
+    """Files of an existing ImageNet-C copy for the evaluation list's `<wnid>/<file>` entries."""
+    base = Path(root) / corruption / str(severity)
+    paths = [base / rel for rel in rel_paths]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise PinppError(f"{missing[0]}: not found ({len(missing)} missing); expected ImageNet-C as "
+                         "<root>/<corruption>/<severity>/<wnid>/<file> (Hendrycks & Dietterich, zenodo) — "
+                         "or leave imagenet_c unset to corrupt the evaluation crops on the fly")
+    return paths
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, work_dir: str | Path, seed: int = 0,
+             corruptions: tuple[str, ...] = CORRUPTIONS, severities: tuple[int, ...] = (1, 2, 3, 4, 5),
+             batch_size: int = 250, device: str | torch.device = "cpu") -> list[dict[str, Any]]:
+    """Per-image records (index, label, corruption, family, severity, correct); cached per (corruption, severity)."""
+    work_dir = Path(work_dir)
+    model = model.to(device).eval()
+    records: list[dict[str, Any]] = []
+    for c in tqdm(corruptions, desc="corruptions", leave=False):
+        for s in severities:
+            done = work_dir / f"corruption_{c}_{s}_seed{seed}_{len(x)}.json"
+            if not done.exists():
+                pred = torch.cat([predict(model, corrupt_batch(x[i:i + batch_size], c, s, seed, i).to(device))
+                                  for i in range(0, len(x), batch_size)])
+                fileio.write_json(done, [{"index": i, "label": int(y[i]), "corruption": c, "family": FAMILY_OF[c],
+                                          "severity": s, "correct": bool(pred[i] == y[i])} for i in range(len(x))])
+            records += fileio.read_json(done)
+    return records
+
+
+def table_a1(records: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy (%) per model and corruption (mean over severities), family means and the overall mean.
+
+    `records` holds per-image rows with a `model` column.
+    """
+    acc = records.groupby(["model", "corruption"])["correct"].mean().mul(100).unstack("corruption")
+    acc = acc[[c for c in CORRUPTIONS if c in acc.columns]]
+    for fam, names in FAMILIES.items():
+        cols = [c for c in names if c in acc.columns]
+        if cols:
+            acc[f"{fam} (mean)"] = acc[cols].mean(1)
+    acc["mean"] = acc[[c for c in CORRUPTIONS if c in acc.columns]].mean(1)
+    return acc.reset_index()
