@@ -71,7 +71,7 @@ def resolve_init(name: str, tc: TrainConfig, cfg: ExperimentConfig, work: str | 
     clean = Path(work) / "clean_vanilla"
     if not (clean / "done.json").exists():
         raise fileio.PinppError(f"{clean}: the clean run must finish first (at_init=clean_run); train run clean_vanilla")
-    return dataclasses.replace(tc, init=str(_backbone_weights({"out": str(clean)})))
+    return dataclasses.replace(tc, init=str(_backbone_weights(clean)))
 
 
 def run_training(runs: dict[str, TrainConfig], cfg: ExperimentConfig, converted: str | Path, work: str | Path) -> dict[str, dict]:
@@ -83,10 +83,11 @@ def run_training(runs: dict[str, TrainConfig], cfg: ExperimentConfig, converted:
     return done
 
 
-def _backbone_weights(result: dict) -> Path:
-    path = Path(result["out"]) / "init_backbone.pt"
+def _backbone_weights(run_dir: Path) -> Path:
+    """The EMA backbone of a finished run as a weights file (written once, then reused)."""
+    path = run_dir / "init_backbone.pt"
     if not path.exists():
-        model, _ = load_trained(result["out"])
+        model, _ = load_trained(run_dir)
         with fileio.atomic_path(path) as tmp:
             torch.save(models.export_deployable(model).state_dict(), tmp)
     return path
