@@ -141,6 +141,21 @@ def _cmd_human(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_imagenet_c(a: argparse.Namespace) -> int:
+    from . import corruptions
+    from . import mpm_experiments as mx
+    from .config import resolve
+    from .datasets import val_dataset
+    s = resolve(a.profile, data_root=a.data_root, seed=a.seed)
+    rc, conv = s.robustness, s.paths.converted
+    x, _ = mx.eval_images(conv, s.mpm.at.transform)
+    out = a.out or rc.path("imagenet_c", s.paths.data_root)
+    corruptions.write_imagenet_c(out, x, [rel for rel, _ in val_dataset(conv).samples], rc.seed,
+                                 tuple(a.corruption or rc.corruptions), rc.severities)
+    print(f"ImageNet-C ({len(x)} images × {len(a.corruption or rc.corruptions)} corruptions × {len(rc.severities)} severities): {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pinpp", description="PartImageNet++ reproduction kit")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -200,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--end", type=int, help="one past the last image of this shard")
     ev.add_argument("--mode", choices=("autoattack", "pgd"), default="autoattack")
     ev.set_defaults(fn=_cmd_eval_aa)
+
+    ic = sub.add_parser("imagenet-c", help="write ImageNet-C (15 corruptions × 5 severities) for the evaluation list")
+    ic.add_argument("--profile", default="smoke", choices=("smoke", "full"))
+    ic.add_argument("--data-root")
+    ic.add_argument("--seed", type=int)
+    ic.add_argument("--out", help="target folder (default: <data root>/imagenet_c, where notebook 06 reads it)")
+    ic.add_argument("--corruption", action="append", help="only these corruptions (repeatable; one per job to parallelise)")
+    ic.set_defaults(fn=_cmd_imagenet_c)
 
     hc = sub.add_parser("human-consistency", help="model-vs-human metrics of a model's decisions, or the human ceiling")
     hc.add_argument("--decisions", help="CSV with dataset, imagename (or key), decision (one of the 16 categories); "

@@ -26,6 +26,7 @@ from .convert import ConvertConfig
 from .datasets import TransformConfig
 from .fileio import PinppError
 from .mpm_experiments import ExperimentConfig
+from .robustness import RobustnessConfig
 from .runmeta import repo_root
 from .synthetic import SynthConfig
 
@@ -50,6 +51,11 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
                        "ema_decay": 0.98, "ckpt_every": 100, "log_every": 5, "warmup_epochs": 2.0,
                        "transform": {"size": 64, "scale": (0.6, 1.0)}},
                 "eval": {"batch_size": 128, "threats": ("Linf-4/255",)}},
+        # Notebook 06: look-alike OOD sets written from the synthetic val images (nothing can be downloaded),
+        # six of the 17 model-vs-human sets (one per kind: colour, parametric, noise, sketch, style, edges),
+        # and PGD-20 for Tables 4/5 (the smoke subsets have < 10 classes, too few for standard AutoAttack).
+        "robustness": {"standins": True, "mvh_datasets": ("colour", "contrast", "uniform-noise", "sketch", "stylized", "edge"),
+                       "subset_eval": {"mode": "pgd", "batch_size": 128}},
     },
     "full": {
         "convert": {"workers": max(1, (os.cpu_count() or 1) - 1)},
@@ -88,6 +94,7 @@ class Settings:
     transform: TransformConfig = field(default_factory=TransformConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
     mpm: ExperimentConfig = field(default_factory=ExperimentConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -139,4 +146,6 @@ def resolve(profile: str = "smoke", data_root: str | Path | None = None, results
         for comp in ("synth", "convert", "stats"):
             setattr(s, comp, dataclasses.replace(getattr(s, comp), seed=seed))
         s.mpm = dataclasses.replace(s.mpm, at=dataclasses.replace(s.mpm.at, seed=seed), eval=dataclasses.replace(s.mpm.eval, seed=seed))
+        s.robustness = dataclasses.replace(s.robustness, seed=seed,
+                                           subset_eval=dataclasses.replace(s.robustness.subset_eval, seed=seed))
     return s

@@ -4,7 +4,8 @@ As in Hendrycks & Dietterich, corruptions are applied to the evaluation crops (r
 crop 224 in full), with the `imagecorruptions` implementation (PyPI `imagecorruptions-imaug`, the
 numpy-2-safe fork). The library draws from numpy's global RNG, so each (image, corruption,
 severity) is seeded from a stable hash: the same seed gives the same corrupted set on any run.
-An existing ImageNet-C folder (`<root>/<corruption>/<severity>/<wnid>/<file>`) can be read instead.
+Evaluation always reads an ImageNet-C folder (`<root>/<corruption>/<severity>/<wnid>/<file>`): a
+downloaded copy, or one `write_imagenet_c` makes from the evaluation list (cached on disk).
 Records are per image; accuracy per corruption is the mean over severities.
 """
 from __future__ import annotations
@@ -64,33 +65,54 @@ def corrupt_batch(x: torch.Tensor, corruption: str, severity: int, seed: int, st
 
 
 def imagenet_c_paths(root: str | Path, corruption: str, severity: int, rel_paths: list[str]) -> list[Path]:
-    """Files of an existing ImageNet-C copy for the evaluation list's `<wnid>/<file>` entries."""
+    """Files of an ImageNet-C copy for the evaluation list's `<wnid>/<file>` entries."""
     base = Path(root) / corruption / str(severity)
     paths = [base / rel for rel in rel_paths]
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise PinppError(f"{missing[0]}: not found ({len(missing)} missing); expected ImageNet-C as "
                          "<root>/<corruption>/<severity>/<wnid>/<file> (Hendrycks & Dietterich, zenodo) — "
-                         "or leave imagenet_c unset to corrupt the evaluation crops on the fly")
+                         "or leave imagenet_c unset and the kit writes it from the evaluation list")
     return paths
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, work_dir: str | Path, seed: int = 0,
+def write_imagenet_c(root: str | Path, x: torch.Tensor, rel_paths: list[str], seed: int = 0,
+                     corruptions: tuple[str, ...] = CORRUPTIONS, severities: tuple[int, ...] = (1, 2, 3, 4, 5)) -> Path:
+    """Write ImageNet-C for the evaluation crops `x` ([0, 1], N×3×S×S) in the released layout.
+
+    Like the original, each corrupted crop is a JPEG (quality 85) named as its source; a
+    (corruption, severity) folder is complete once its `.done` marker exists, so an interrupted
+    run resumes where it stopped. Evaluation then reads the folder — the same code path as a
+    downloaded ImageNet-C.
+    """
+    from PIL import Image
+    root = Path(root)
+    for c in tqdm(corruptions, desc="writing ImageNet-C", leave=False):
+        for s in severities:
+            done = root / c / str(s) / ".done"
+            if done.exists():
+                continue
+            out = corrupt_batch(x, c, s, seed)
+            for img, rel in zip((out * 255).round().byte().permute(0, 2, 3, 1).numpy(), rel_paths):
+                fileio.atomic_save_image(Image.fromarray(img), root / c / str(s) / rel, quality=85)
+            fileio.write_json(done, {"images": len(rel_paths), "seed": seed})
+    return root
+
+
+def evaluate(models: dict[str, nn.Module], root: str | Path, rel_paths: list[str], y: torch.Tensor, size: int,
              corruptions: tuple[str, ...] = CORRUPTIONS, severities: tuple[int, ...] = (1, 2, 3, 4, 5),
              batch_size: int = 250, device: str | torch.device = "cpu") -> list[dict[str, Any]]:
-    """Per-image records (index, label, corruption, family, severity, correct); cached per (corruption, severity)."""
-    work_dir = Path(work_dir)
-    model = model.to(device).eval()
+    """Per-image records (model, index, label, corruption, family, severity, correct) read from an
+    ImageNet-C folder; each (corruption, severity) is loaded once and shown to every model."""
+    from .ood_sets import load_images
     records: list[dict[str, Any]] = []
-    for c in tqdm(corruptions, desc="corruptions", leave=False):
+    for c in tqdm(corruptions, desc="ImageNet-C", leave=False):
         for s in severities:
-            done = work_dir / f"corruption_{c}_{s}_seed{seed}_{len(x)}.json"
-            if not done.exists():
-                pred = torch.cat([predict(model, corrupt_batch(x[i:i + batch_size], c, s, seed, i).to(device))
-                                  for i in range(0, len(x), batch_size)])
-                fileio.write_json(done, [{"index": i, "label": int(y[i]), "corruption": c, "family": FAMILY_OF[c],
-                                          "severity": s, "correct": bool(pred[i] == y[i])} for i in range(len(x))])
-            records += fileio.read_json(done)
+            x = load_images(imagenet_c_paths(root, c, s, rel_paths), size)
+            for name, model in models.items():
+                pred = predict(model.to(device).eval(), x.to(device), batch_size)
+                records += [{"model": name, "index": i, "label": int(y[i]), "corruption": c, "family": FAMILY_OF[c],
+                             "severity": s, "correct": bool(pred[i] == y[i])} for i in range(len(y))]
     return records
 
 
@@ -104,6 +126,7 @@ def table_a1(records: pd.DataFrame) -> pd.DataFrame:
     for fam, names in FAMILIES.items():
         cols = [c for c in names if c in acc.columns]
         if cols:
-            acc[f"{fam} (mean)"] = acc[cols].mean(1)
-    acc["mean"] = acc[[c for c in CORRUPTIONS if c in acc.columns]].mean(1)
-    return acc.reset_index()
+            acc[f"{fam} (mean)"] = acc[cols].mean(axis=1)
+    acc["mean"] = acc[[c for c in CORRUPTIONS if c in acc.columns]].mean(axis=1)
+    order = list(dict.fromkeys(records["model"]))  # the models in the order they were evaluated
+    return acc.loc[order].reset_index()

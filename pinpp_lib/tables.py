@@ -79,3 +79,12 @@ def register(results_dir: str | Path, files: list[str], *, notebook: str, paper:
                       "with the paper's numbers beside ours where they are known. Each notebook run also leaves\n"
                       "`run_meta/<notebook>.json` (parameters, profile, git commit, packages, device, seeds, time)\n"
                       "and its executed copy in `executed/` (not committed).\n\n" + "\n".join(rows) + "\n")
+
+
+def write_records(df: pd.DataFrame, name: str, results_dir: str | Path, *, notebook: str, paper: str, what: str) -> Path:
+    """Write per-item records as results/records/<name>.csv.gz (atomically) and register them."""
+    path = Path(results_dir) / "records" / f"{name}.csv.gz"
+    with fileio.atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, compression="gzip")
+    register(results_dir, [f"records/{path.name}"], notebook=notebook, paper=paper, what=what)
+    return path

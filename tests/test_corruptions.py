@@ -34,21 +34,6 @@ def test_every_corruption_keeps_shape(name):
     assert out.shape == img.shape and out.dtype == np.uint8
 
 
-def test_records_and_table(tmp_path):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)).eval()
-    x = torch.rand(6, 3, 32, 32)
-    y = torch.arange(6) % 10
-    recs = C.evaluate(model, x, y, tmp_path, corruptions=("gaussian_noise", "contrast"), severities=(1, 5))
-    assert len(recs) == 6 * 2 * 2 and {r["family"] for r in recs} == {"noise", "digital"}
-    assert C.evaluate(model, x, y, tmp_path, corruptions=("gaussian_noise", "contrast"), severities=(1, 5)) == recs
-    df = pd.DataFrame(recs).assign(model="m")
-    t = C.table_a1(df).set_index("model")
-    manual = df[df.corruption == "contrast"].correct.mean() * 100
-    assert t.loc["m", "contrast"] == pytest.approx(manual)
-    assert t.loc["m", "mean"] == pytest.approx((t.loc["m", "contrast"] + t.loc["m", "gaussian_noise"]) / 2)
-
-
 def test_imagenet_c_folder_errors(tmp_path):
     with pytest.raises(PinppError, match="<root>/<corruption>/<severity>/<wnid>/<file>"):
         C.imagenet_c_paths(tmp_path, "fog", 3, ["n01443537/x.JPEG"])

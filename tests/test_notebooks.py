@@ -96,6 +96,28 @@ def test_mpm_notebook(smoke_run):
     assert "Not run yet" in (results / "table6_right_pseudo_labels.md").read_text()
 
 
+def test_robustness_notebook(smoke_run):
+    """Notebook 06 after 05: reuses its runs, trains the clean MPM run, writes Tables A1, A2, 8, 4, 5."""
+    data, results = smoke_run
+    nb = ROOT / "notebooks" / "06_robustness_ood.ipynb"
+    pm.execute_notebook(str(nb), str(results / nb.name), parameters={"DATA_ROOT": str(data), "RESULTS_DIR": str(results)},
+                        kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
+    models = ["vanilla", "MPM", "vanilla AT", "MPM AT"]
+    a1 = pd.read_csv(results / "tableA1_imagenet_c.csv")
+    assert list(a1.model) == models and len([c for c in a1.columns if "_" in c]) == 15 and a1["mean"].between(0, 100).all()
+    rec = pd.read_csv(results / "records" / "robustness_imagenet_c.csv.gz")
+    assert rec.groupby("model").size().nunique() == 1 and set(rec.severity) == {1, 2, 3, 4, 5}
+    a2 = pd.read_csv(results / "tableA2_ood.csv")
+    assert {"ImageNet-A-Plus", "ImageNet-Sketch", "Stylized-ImageNet (val)", "model-vs-human (mean)"} <= set(a2.columns)
+    t8 = pd.read_csv(results / "table8_model_vs_human.csv")
+    assert {"humans (noise ceiling)", "ResNet-50 (standard)", *models} <= set(t8.model)
+    for name in ("table4_pin_subset", "table5_pin_supercategories"):
+        t = pd.read_csv(results / f"{name}.csv")
+        assert list(t.model) == models and t["clean"].between(0, 100).all()
+    _assert_real_figure(results / "figA_corruption_severity.png")
+    assert (data / "runs" / "mpm" / "clean_mpm" / "done.json").exists()
+
+
 def _scratch_kit(tmp_path: Path, notebooks: dict[str, str]) -> Path:
     """A copy of run_all.sh with a no-op setup step, the real venv, and the given notebooks."""
     kit = tmp_path / "kit"

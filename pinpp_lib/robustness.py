@@ -1,0 +1,137 @@
+"""Robustness beyond AutoAttack (paper App. D and §4.3): what notebook 06 evaluates and how its tables are built.
+
+    Table A1   ImageNet-C: accuracy per corruption (mean over 5 severities), family means
+    Table A2   OOD sets: ImageNet-A-Plus, ImageNet-Sketch, Stylized-ImageNet, model-vs-human (16-class)
+    Table 8    model-vs-human: accuracy difference, observed and error consistency; human ceiling row,
+               published ResNet-50 row
+    Table 4    PIN's class subset (logits masked): clean and robust accuracy
+    Table 5    PIN's super-categories: clean and robust accuracy
+
+The models are the four of the paper's robustness tables — vanilla and MPM, each clean-trained and
+adversarially trained — trained by notebook 05's code (`training.train`; finished runs are reused).
+Every number comes from per-image (per-trial) records kept in `results/records/`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch.nn as nn
+
+from . import fileio, human_consistency, robust_eval
+from . import mpm_experiments as mx
+from .corruptions import CORRUPTIONS
+from .robust_eval import EvalConfig
+from .training import TrainConfig, load_trained
+
+MVH_DATASETS = ("colour", "contrast", "cue-conflict", "edge", "eidolonI", "eidolonII", "eidolonIII", "false-colour",
+                "high-pass", "low-pass", "phase-scrambling", "power-equalisation", "rotation", "silhouette", "sketch",
+                "stylized", "uniform-noise")
+MODELS = {"vanilla": "clean_vanilla", "MPM": "clean_mpm", "vanilla AT": "at_plain", "MPM AT": "at_mpm"}
+
+
+@dataclass
+class RobustnessConfig:
+    """Notebook 06 settings. Dataset paths default to `<data root>/ood/<name>` (see `path`)."""
+    corruptions: tuple[str, ...] = CORRUPTIONS
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
+    imagenet_c: str | None = None         # a downloaded ImageNet-C; None: the kit writes one from the val list
+    imagenet_a_plus: str | None = None
+    imagenet_sketch: str | None = None
+    stylized_imagenet: str | None = None
+    model_vs_human: str | None = None
+    pin_subset: str | None = None         # Table 4 class list (pin_subsets.SUBSET_FORMAT)
+    pin_supercategories: str | None = None  # Table 5 super-categories (pin_subsets.SUPER_FORMAT)
+    mvh_datasets: tuple[str, ...] = MVH_DATASETS
+    standins: bool = False                # write look-alike OOD sets from the synthetic data (smoke)
+    subset_eval: EvalConfig = field(default_factory=lambda: EvalConfig(threats=("Linf-4/255",)))
+    batch_size: int = 250
+    seed: int = 0
+
+    def path(self, name: str, data_root: str | Path) -> Path:
+        """Where dataset `name` is read from: the explicit setting, else its default under the data root."""
+        explicit = getattr(self, name)
+        if explicit:
+            return Path(explicit)
+        defaults = {"imagenet_c": Path("imagenet_c"), "pin_subset": Path("ood/pin_subsets/pin125.txt"),
+                    "pin_supercategories": Path("ood/pin_subsets/pin_supercategories.csv")}
+        return Path(data_root) / defaults.get(name, Path("ood") / name)
+
+
+def plan_models(e: mx.ExperimentConfig, converted: str | Path) -> dict[str, TrainConfig]:
+    """The four runs: notebook 05's clean vanilla and AT runs, plus a clean MPM run with the clean recipe."""
+    runs = mx.plan(e, converted)
+    return {"clean_vanilla": runs["clean_vanilla"], "clean_mpm": dataclasses.replace(runs["clean_vanilla"], variant="mpm"),
+            "at_plain": runs["at_plain"], "at_mpm": runs["at_mpm"]}
+
+
+def load_models(trained: dict[str, dict], device: str) -> tuple[dict[str, nn.Module], list[str], dict[str, str]]:
+    """label → model (eval mode), the shared class list (wnids), and label → weights sha256."""
+    models, shas, classes = {}, {}, None
+    for label, run in MODELS.items():
+        model, meta = load_trained(trained[run]["out"], device)
+        if classes is not None and meta["classes"] != classes:
+            raise fileio.PinppError(f"{trained[run]['out']}: trained on other classes than the other models; retrain it")
+        models[label], shas[label], classes = model, meta["sha256"], meta["classes"]
+    return models, list(classes or []), shas
+
+
+def subset_records(models: dict[str, nn.Module], trained: dict[str, dict], fn: Any, x: Any, y: Any, classes: list[str],
+                   lists: Any, cfg: EvalConfig, device: str) -> pd.DataFrame:
+    """Records of `fn` (pin_subsets.evaluate_subset / evaluate_supercategories) for every model."""
+    return pd.DataFrame([{"model": label, **r} for label, model in models.items()
+                         for r in fn(model, x, y, classes, lists, cfg, Path(trained[MODELS[label]]["out"]) / "pin_subsets",
+                                     device=device)])
+
+
+def accuracy_table(records: pd.DataFrame, threat: str) -> pd.DataFrame:
+    """Clean and robust accuracy (%) with 95% Wilson intervals per model."""
+    rows = []
+    for label in MODELS:
+        r = records[(records.model == label) & (records.threat == threat)]
+        base = {"model": label, "clean": 100 * r["clean"].mean(), "n": len(r), "classes": int(r["classes"].iloc[0])}
+        if r["robust"].isna().any():
+            rows.append({**base, threat: np.nan, "95% CI": "not attacked (below clean floor)", "evaluation": "not attacked"})
+            continue
+        k, n = int(r["robust"].sum()), len(r)
+        lo, hi = robust_eval.wilson(k, n)
+        rows.append({**base, threat: 100 * k / n, "95% CI": f"[{100 * lo:.1f}, {100 * hi:.1f}]",
+                     "evaluation": "AutoAttack (standard)" if r["standard"].all() else "PGD (non-standard)"})
+    return pd.DataFrame(rows)
+
+
+def table8(decisions: pd.DataFrame, datasets: tuple[str, ...], paper: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Table 8 (ours per model, the human noise ceiling, the paper's rows) and the per-condition records."""
+    trials = human_consistency.load_trials(datasets=list(datasets))
+    rows, per = [], []
+    for label in MODELS:
+        d = decisions[decisions.model == label]
+        p, agg = human_consistency.model_vs_humans(d, trials)
+        per.append(p.assign(model=label))
+        rows.append({"model": label, "source": "ours", "datasets": len(datasets), **agg.loc["all"].to_dict()})
+    p, agg = human_consistency.human_ceiling(trials)
+    per.append(p.assign(model="humans (ceiling)"))
+    rows.append({"model": "humans (noise ceiling)", "source": "ours (real human trials)", "datasets": len(datasets),
+                 **agg.loc["all"].to_dict()})
+    return pd.concat([pd.DataFrame(rows), paper], ignore_index=True), pd.concat(per, ignore_index=True)
+
+
+def plot_corruptions(records: pd.DataFrame, path: str | Path) -> Path:
+    """Accuracy against corruption severity, one line per model, one panel per corruption family."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    acc = records.groupby(["model", "family", "severity"], as_index=False)["correct"].mean()
+    acc["accuracy (%)"] = 100 * acc["correct"]
+    grid = sns.relplot(data=acc, x="severity", y="accuracy (%)", hue="model", col="family", kind="line", marker="o",
+                       height=2.6, aspect=1.0, facet_kws={"sharey": True})
+    grid.set_titles("{col_name}")
+    with fileio.atomic_path(path) as tmp:
+        grid.figure.savefig(tmp, dpi=120)
+    plt.close(grid.figure)
+    return Path(path)
