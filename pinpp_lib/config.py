@@ -26,6 +26,7 @@ from .convert import ConvertConfig
 from .datasets import TransformConfig
 from .fileio import PinppError
 from .mpm_experiments import ExperimentConfig
+from .few_shot import FewShotConfig
 from .robustness import RobustnessConfig
 from .runmeta import repo_root
 from .synthetic import SynthConfig
@@ -56,6 +57,14 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         # and PGD-20 for Tables 4/5 (the smoke subsets have < 10 classes, too few for standard AutoAttack).
         "robustness": {"standins": True, "mvh_datasets": ("colour", "contrast", "uniform-noise", "sketch", "stylized", "edge"),
                        "subset_eval": {"mode": "pgd", "batch_size": 128}},
+        # Notebook 07: its own synthetic release with 20 classes (10 train / 5 val / 5 test; 5-way episodes need
+        # disjoint class sets), a narrow ResNet-12 at 40 px, short schedules, 60 test episodes per shot.
+        "few_shot": {"synth": SynthConfig(classes=20, images_per_class=20, unannotated_per_class=0, val_per_class=0,
+                                          size=64, seed=5),
+                     "split": (10, 5, 5), "channels": (16, 32, 64, 128), "branch_channels": (8, 16, 32),
+                     "size_meta_baseline": 40, "size_deepemd": 40, "emd_regions": 3, "n_query": 5,
+                     "pretrain_epochs": 20, "batch_size": 50, "pretrain_lr": 0.05, "meta_episodes": 40, "meta_lr": 0.002,
+                     "eval_episodes": 60, "workers": 0, "device": "cpu"},
     },
     "full": {
         "convert": {"workers": max(1, (os.cpu_count() or 1) - 1)},
@@ -95,6 +104,7 @@ class Settings:
     stats: StatsConfig = field(default_factory=StatsConfig)
     mpm: ExperimentConfig = field(default_factory=ExperimentConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    few_shot: FewShotConfig = field(default_factory=FewShotConfig)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -146,6 +156,7 @@ def resolve(profile: str = "smoke", data_root: str | Path | None = None, results
         for comp in ("synth", "convert", "stats"):
             setattr(s, comp, dataclasses.replace(getattr(s, comp), seed=seed))
         s.mpm = dataclasses.replace(s.mpm, at=dataclasses.replace(s.mpm.at, seed=seed), eval=dataclasses.replace(s.mpm.eval, seed=seed))
+        s.few_shot = dataclasses.replace(s.few_shot, seed=seed)
         s.robustness = dataclasses.replace(s.robustness, seed=seed,
                                            subset_eval=dataclasses.replace(s.robustness.subset_eval, seed=seed))
     return s

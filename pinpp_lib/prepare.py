@@ -36,3 +36,17 @@ def prepare_data(s: Settings, workers: int | None = None) -> dict:
     check_inputs(s)
     return convert.convert(s.paths.release, s.paths.imagenet_train, s.paths.converted,
                            s.paths.imagenet_val, s.paths.val_list, s.convert)
+
+
+def few_shot_source(s: Settings) -> tuple[Path, Path]:
+    """(release, images) for the few-shot experiments: the PIN++ release and ImageNet train, or — with
+    `few_shot.synth` set (smoke) — a synthetic release with more classes than the MPM one, generated here,
+    because 5-way episodes need disjoint train and test classes."""
+    if s.few_shot.synth is not None:
+        root = s.paths.data_root / "synthetic_fewshot"
+        synthetic.generate(root, s.few_shot.synth, workers=s.convert.workers)
+        return root / "release", root / "imagenet" / "train"
+    for name in ("release", "imagenet_train"):
+        if not getattr(s.paths, name).exists():
+            raise PinppError(f"{getattr(s.paths, name)}: not found — expected {WHERE[name]}")
+    return s.paths.release, s.paths.imagenet_train

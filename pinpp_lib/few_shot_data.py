@@ -1,0 +1,173 @@
+"""Few-shot data (paper §6): PIN++ images with their part boxes, a class split, and stored episodes.
+
+A sample is an annotated PIN++ image (discarded ones left out) with the boxes of its part
+annotations. The classes are split into train / val / test by a seeded permutation (authors: 900
+training classes, the rest for val and test). Episodes are drawn with learn2learn's task
+transforms (NWays, KShots over k + q samples per class, no replacement, so support and query never
+share an image); each episode is drawn under its own stored seed and the whole list is written to a
+JSON file, so a table is re-evaluated on exactly the same episodes.
+
+Part crops: the M largest part boxes of an image, cropped and resized to the image size; when an
+image has fewer than M parts the remaining slots get random rectangles (seeded per image and slot).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode, v2
+
+from . import fileio
+from .datasets import _load_rgb
+from .fileio import PinppError
+from .release import Release
+
+
+@dataclass
+class Sample:
+    path: Path
+    wnid: str
+    boxes: list[tuple[float, float, float, float]]  # COCO [x, y, w, h], in the release's pixel coordinates
+
+
+def part_samples(release: Release, images: str | Path, min_per_class: int = 1) -> list[Sample]:
+    """Every annotated, non-discarded image of the release with its part boxes (classes in wnid order)."""
+    images = Path(images)
+    out = []
+    for wnid, cls in release.classes.items():
+        boxes: dict[int, list] = {}
+        for a in cls.annotations:
+            boxes.setdefault(a["image_id"], []).append(tuple(float(v) for v in a["bbox"]))
+        found = [Sample(images / im["file_name"], wnid, boxes.get(im["id"], []))
+                 for im in cls.images if im["file_name"] not in release.discarded]
+        if len(found) < min_per_class:
+            raise PinppError(f"json/{wnid}.json: {len(found)} usable images, fewer than the {min_per_class} an episode "
+                             "draws per class; lower k_shot + n_query or drop the class")
+        out += found
+    missing = [s.path for s in out if not s.path.exists()]
+    if missing:
+        raise PinppError(f"{missing[0]}: image not found ({len(missing)} missing); point `images` at ImageNet train (<wnid>/<file>)")
+    return out
+
+
+def class_split(wnids: list[str], counts: tuple[int, int, int], seed: int = 0) -> dict[str, list[str]]:
+    """train / val / test classes: a seeded permutation cut at the given counts."""
+    if sum(counts) > len(wnids):
+        raise PinppError(f"class split {counts} needs {sum(counts)} classes; the release has {len(wnids)}")
+    perm = [wnids[i] for i in np.random.default_rng(seed).permutation(len(wnids))]
+    a, b, c = counts
+    return {"train": sorted(perm[:a]), "val": sorted(perm[a:a + b]), "test": sorted(perm[a + b:a + b + c])}
+
+
+def part_boxes(boxes: list[tuple[float, float, float, float]], m: int, width: int, height: int,
+               rng: np.random.Generator) -> list[tuple[int, int, int, int]]:
+    """M crop boxes (x0, y0, x1, y1): the M largest part boxes, then random rectangles for missing slots."""
+    big = sorted(boxes, key=lambda b: -b[2] * b[3])[:m]
+    out = []
+    for x, y, w, h in big:
+        x0, y0 = int(np.clip(np.floor(x), 0, width - 1)), int(np.clip(np.floor(y), 0, height - 1))
+        out.append((x0, y0, max(x0 + 1, min(width, int(np.ceil(x + w)))), max(y0 + 1, min(height, int(np.ceil(y + h))))))
+    while len(out) < m:  # random rectangles, 25-70% of the image's width and height
+        w, h = (int(rng.uniform(0.25, 0.7) * s) or 1 for s in (width, height))
+        x0, y0 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+        out.append((x0, y0, x0 + w, y0 + h))
+    return out
+
+
+class PartImageDataset(Dataset):
+    """(image, M part crops, label): image resized to size×size, crops of `part_boxes` resized likewise.
+
+    `labels` maps wnid → label; crops of missing parts are random rectangles seeded by (seed, index, slot).
+    """
+
+    def __init__(self, samples: list[Sample], labels: dict[str, int], size: int, m: int, seed: int = 0, train: bool = False):
+        self.samples = [s for s in samples if s.wnid in labels]
+        self.labels, self.size, self.m, self.seed, self.train = labels, size, m, seed, train
+        self.resize = v2.Resize((size, size), interpolation=InterpolationMode.BICUBIC, antialias=True)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def targets(self) -> list[int]:
+        return [self.labels[s.wnid] for s in self.samples]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        s = self.samples[i]
+        img = v2.functional.pil_to_tensor(_load_rgb(s.path))
+        h, w = img.shape[1:]
+        rng = np.random.default_rng([self.seed, i])
+        crops = [self.resize(img[:, y0:y1, x0:x1]) for x0, y0, x1, y1 in part_boxes(s.boxes, self.m, w, h, rng)]
+        x = self.resize(img)
+        if self.train and torch.rand(1).item() < 0.5:  # the same flip for the image and its crops
+            x, crops = x.flip(-1), [c.flip(-1) for c in crops]
+        to = lambda t: v2.functional.to_dtype(t, torch.float32, scale=True)  # noqa: E731
+        parts = torch.stack([to(c) for c in crops]) if crops else torch.zeros(0, 3, self.size, self.size)
+        return to(x), parts, self.labels[s.wnid]
+
+
+def draw_episodes(targets: list[int], n_way: int, k_shot: int, n_query: int, n_episodes: int, seed: int) -> list[dict[str, Any]]:
+    """`n_episodes` episodes as {"seed", "classes", "support", "query"} (dataset indices, class-major).
+
+    learn2learn draws the task (NWays, then KShots(k + q) without replacement) under the episode's
+    own seed; the first k of each class are the support, the rest the query.
+    """
+    import learn2learn as l2l
+    labels_to_indices: dict[int, list[int]] = {}
+    for i, t in enumerate(targets):
+        labels_to_indices.setdefault(t, []).append(i)
+    short = {c: len(v) for c, v in labels_to_indices.items() if len(v) < k_shot + n_query}
+    if len(labels_to_indices) < n_way or short:
+        raise PinppError(f"{n_way}-way {k_shot}-shot with {n_query} queries needs {n_way} classes with {k_shot + n_query} "
+                         f"images each; have {len(labels_to_indices)} classes, too small: {short}")
+    meta = l2l.data.MetaDataset(_Labels(targets), labels_to_indices=labels_to_indices)
+    tasks = l2l.data.Taskset(meta, [l2l.data.transforms.NWays(meta, n_way),
+                                        l2l.data.transforms.KShots(meta, k_shot + n_query)], num_tasks=-1)
+    out = []
+    state = random.getstate()
+    for e in range(n_episodes):
+        ep_seed = seed * 1_000_003 + e
+        random.seed(ep_seed)  # learn2learn's transforms draw from Python's `random`
+        desc = tasks.sample_task_description()
+        by_class: dict[int, list[int]] = {}
+        for d in desc:
+            by_class.setdefault(targets[d.index], []).append(d.index)
+        classes = sorted(by_class)
+        out.append({"seed": ep_seed, "classes": classes,
+                    "support": [i for c in classes for i in by_class[c][:k_shot]],
+                    "query": [i for c in classes for i in by_class[c][k_shot:]]})
+    random.setstate(state)  # leave the caller's RNG as it was
+    return out
+
+
+class _Labels(Dataset):
+    """Just the labels: episode drawing needs no pixels."""
+
+    def __init__(self, targets: list[int]):
+        self.t = targets
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        return i, self.t[i]
+
+
+def episodes(path: str | Path, targets: list[int], n_way: int, k_shot: int, n_query: int, n_episodes: int,
+             seed: int) -> list[dict[str, Any]]:
+    """The stored episodes at `path` (drawn and written on first use; a different request is an error)."""
+    path = Path(path)
+    spec = {"n_way": n_way, "k_shot": k_shot, "n_query": n_query, "n_episodes": n_episodes, "seed": seed,
+            "dataset_size": len(targets)}
+    if path.exists():
+        stored = fileio.read_json(path, "episode file", "delete it to draw new episodes")
+        if stored["spec"] != spec:
+            raise PinppError(f"{path}: stored episodes are for {stored['spec']}, not {spec}; delete the file to redraw")
+        return stored["episodes"]
+    eps = draw_episodes(targets, n_way, k_shot, n_query, n_episodes, seed)
+    fileio.write_json(path, {"spec": spec, "episodes": eps})
+    return eps
