@@ -9,6 +9,7 @@ stored test episodes (same episodes for every model). Per-episode records → me
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,9 @@ def train_model(samples: list[Sample], cfg: FewShotConfig, method: str, variant:
         meta_path = work / f"{stage}.json"
         if meta_path.exists():
             info = fileio.read_json(meta_path, "few-shot weights", "delete it to retrain")
+            if info["config"] != json.loads(json.dumps(dataclasses.asdict(cfg))):
+                raise fileio.PinppError(f"{meta_path}: trained with another configuration; use another WORK_DIR or "
+                                        f"delete {work} to retrain")
             model.load_state_dict(checkpoint.load(work / info["weights"], info["sha256"]))
             continue
         run()

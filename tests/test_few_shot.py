@@ -140,3 +140,5 @@ def test_tiny_train_and_evaluate(synth, tmp_path):
     assert list(table.columns[:3]) == ["method", "regions", "1-shot accuracy"] and len(table) == 4
     with pytest.raises(PinppError, match="class split"):
         fs.run(samples, dataclasses.replace(cfg, split=(5, 0, 3)), tmp_path / "x")
+    with pytest.raises(PinppError, match="trained with another configuration"):
+        fs.run(samples, dataclasses.replace(cfg, pretrain_lr=0.5), tmp_path)
