@@ -106,7 +106,8 @@ def test_robustness_notebook(smoke_run):
                         kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
     models = ["vanilla", "MPM", "vanilla AT", "MPM AT"]
     a1 = pd.read_csv(results / "tableA1_imagenet_c.csv")
-    assert list(a1.model) == models and len([c for c in a1.columns if "_" in c]) == 15 and a1["mean"].between(0, 100).all()
+    from pinpp_lib.corruptions import CORRUPTIONS
+    assert list(a1.model) == models and set(CORRUPTIONS) <= set(a1.columns) and a1["mean"].between(0, 100).all()
     rec = pd.read_csv(results / "records" / "robustness_imagenet_c.csv.gz")
     assert rec.groupby("model").size().nunique() == 1 and set(rec.severity) == {1, 2, 3, 4, 5}
     a2 = pd.read_csv(results / "tableA2_ood.csv")
