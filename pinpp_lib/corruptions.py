@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 
 from . import fileio
 from .fileio import PinppError
-from .robust_eval import predict
 
 FAMILIES: dict[str, tuple[str, ...]] = {
     "noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
@@ -103,16 +102,17 @@ def evaluate(models: dict[str, nn.Module], root: str | Path, rel_paths: list[str
              corruptions: tuple[str, ...] = CORRUPTIONS, severities: tuple[int, ...] = (1, 2, 3, 4, 5),
              batch_size: int = 250, device: str | torch.device = "cpu") -> list[dict[str, Any]]:
     """Per-image records (model, index, label, corruption, family, severity, correct) read from an
-    ImageNet-C folder; each (corruption, severity) is loaded once and shown to every model."""
-    from .ood_sets import load_images
+    ImageNet-C folder in batches; each batch is loaded once and shown to every model."""
+    from .ood_sets import stream_logits
     records: list[dict[str, Any]] = []
     for c in tqdm(corruptions, desc="ImageNet-C", leave=False):
         for s in severities:
-            x = load_images(imagenet_c_paths(root, c, s, rel_paths), size)
-            for name, model in models.items():
-                pred = predict(model.to(device).eval(), x.to(device), batch_size)
-                records += [{"model": name, "index": i, "label": int(y[i]), "corruption": c, "family": FAMILY_OF[c],
-                             "severity": s, "correct": bool(pred[i] == y[i])} for i in range(len(y))]
+            paths = imagenet_c_paths(root, c, s, rel_paths)
+            for start, logits in stream_logits(models, paths, size, 1.0, batch_size, device=device, desc=f"{c}/{s}"):
+                for name, z in logits.items():
+                    records += [{"model": name, "index": start + i, "label": int(y[start + i]), "corruption": c,
+                                 "family": FAMILY_OF[c], "severity": s, "correct": bool(p == y[start + i])}
+                                for i, p in enumerate(z.argmax(1))]
     return records
 
 

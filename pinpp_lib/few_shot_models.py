@@ -23,13 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models import IMAGENET_MEAN, IMAGENET_STD
-
-
-def _normalise(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+from .models import normalise
 
 
 class ResBlock12(nn.Module):
@@ -60,7 +54,7 @@ class ResNet12(nn.Module):
         self.out_dim = channels[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(_normalise(x)).mean((2, 3))
+        return self.blocks(normalise(x)).mean((2, 3))
 
 
 class PartBranch(nn.Sequential):
@@ -74,7 +68,7 @@ class PartBranch(nn.Sequential):
         super().__init__(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(_normalise(x)).mean((2, 3))
+        return super().forward(normalise(x)).mean((2, 3))
 
 
 class FewShotNet(nn.Module):

@@ -29,11 +29,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TINY_CHANNELS = (16, 32, 64, 128)  # ×4 bottleneck expansion → 512-d features
 
 
-def _normalise_hook(module: nn.Module, args: tuple) -> tuple:
-    x = args[0]
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images → ImageNet-normalised (models take [0, 1] images and normalise inside)."""
     mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return ((x - mean) / std,) + tuple(args[1:])
+    return (x - mean) / std
+
+
+def _normalise_hook(module: nn.Module, args: tuple) -> tuple:
+    return (normalise(args[0]),) + tuple(args[1:])
 
 
 def resnet_gelu(num_classes: int = 1000, layers: tuple[int, ...] = (3, 4, 6, 3),

@@ -120,13 +120,8 @@ def run_evaluation(trained: dict[str, dict], cfg: ExperimentConfig, x: torch.Ten
             continue  # the clean run only initialises the AT runs in smoke; the tables hold AT models
         model, meta = load_trained(res["out"], cfg.device)
         for protocol, ecfg in ([("table3", cfg.eval)] if name in TABLE3_RUNS else []) + [("ablation", ablation)]:
-            try:
-                recs = robust_eval.evaluate(model, x, y, meta["num_classes"], ecfg, Path(res["out"]) / "aa", device=cfg.device)
-            except robust_eval.BelowCleanFloor as e:
-                clean = robust_eval.predict(model, x) == y
-                recs = [{"index": i, "label": int(y[i]), "threat": t, "standard": ecfg.mode == "autoattack",
-                         "clean": bool(clean[i]), "robust": None, "note": f"not attacked: {e}"}
-                        for t in ecfg.threats for i in range(len(y))]
+            recs = robust_eval.evaluate_or_skip(model, x, y, meta["num_classes"], ecfg, Path(res["out"]) / "aa",
+                                                device=cfg.device)
             rows += [{"run": name, "protocol": protocol, **r} for r in recs]
     df = pd.DataFrame(rows)
     df["robust"] = df["robust"].map(lambda v: np.nan if v is None else float(v))  # NaN: not attacked

@@ -25,10 +25,10 @@ import pandas as pd
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from .datasets import IMG_EXTS, _load_rgb
+from .datasets import IMG_EXTS, TransformConfig, _load_rgb, eval_transform
 from .fileio import PinppError
 from .human_consistency import decide16, image_key
 
@@ -60,29 +60,17 @@ def in1k_index() -> dict[str, int]:
         return {c["wnid"]: c["index"] for c in json.load(f)["imagenet_classes"]}
 
 
-def eval_loader_transform(size: int, crop_pct: float) -> v2.Compose:
-    """Resize to size/crop_pct (bicubic) and centre-crop `size`: the kit's evaluation transform."""
-    return v2.Compose([v2.Resize(int(round(size / crop_pct)), interpolation=InterpolationMode.BICUBIC, antialias=True),
-                       v2.CenterCrop(size), v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
-
-
 class PathDataset(Dataset):
     """Images at `paths`, transformed for evaluation."""
 
     def __init__(self, paths: list[Path], size: int, crop_pct: float):
-        self.paths, self.transform = paths, eval_loader_transform(size, crop_pct)
+        self.paths, self.transform = paths, eval_transform(TransformConfig(size=size, crop_pct=crop_pct))
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.transform(v2.functional.pil_to_tensor(_load_rgb(self.paths[i]))).as_subclass(torch.Tensor)
-
-
-def load_images(paths: list[Path], size: int, crop_pct: float = 1.0) -> torch.Tensor:
-    """All images at `paths` as one [0, 1] tensor (for small sets; large ones go through `stream_logits`)."""
-    ds = PathDataset(paths, size, crop_pct)
-    return torch.stack([ds[i] for i in range(len(ds))]) if len(ds) else torch.zeros(0, 3, size, size)
 
 
 def stream_logits(models: dict[str, nn.Module], paths: list[Path], size: int, crop_pct: float, batch_size: int = 250,

@@ -92,17 +92,6 @@ class SuperCategoryLogits(nn.Module):
         return torch.stack([logp[:, g].logsumexp(1) for g in self.groups], 1)
 
 
-def _records(wrapped: nn.Module, x: torch.Tensor, y: torch.Tensor, n_classes: int, cfg: EvalConfig, work_dir: Path,
-             device: str | torch.device) -> list[dict[str, Any]]:
-    """robust_eval records; a model below the clean floor keeps its clean flags and is not attacked."""
-    try:
-        return robust_eval.evaluate(wrapped, x, y, n_classes, cfg, work_dir, device=device)
-    except robust_eval.BelowCleanFloor as e:
-        clean = robust_eval.predict(wrapped.to(device).eval(), x.to(device)) == y
-        return [{"index": i, "label": int(y[i]), "threat": t, "standard": cfg.mode == "autoattack", "clean": bool(clean[i]),
-                 "robust": None, "note": f"not attacked: {e}"} for t in cfg.threats for i in range(len(y))]
-
-
 def _tag(items: list[Any]) -> str:
     return hashlib.sha256(repr(items).encode()).hexdigest()[:10]
 
@@ -122,7 +111,8 @@ def evaluate_subset(model: nn.Module, x: torch.Tensor, y: torch.Tensor, model_cl
     keep, idx = _select(y, model_classes, subset, "class subset")
     pos = {j: k for k, j in enumerate(keep)}
     ys = torch.tensor([pos[int(v)] for v in y[idx]])
-    recs = _records(SubsetLogits(model, keep), x[idx], ys, len(keep), cfg, Path(work_dir) / f"subset_{_tag(subset)}", device)
+    recs = robust_eval.evaluate_or_skip(SubsetLogits(model, keep), x[idx], ys, len(keep), cfg,
+                                        Path(work_dir) / f"subset_{_tag(subset)}", device=device)
     return [{**r, "index": int(idx[r["index"]]), "classes": len(keep)} for r in recs]
 
 
@@ -136,6 +126,6 @@ def evaluate_supercategories(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     groups = [[c for w, c in zip(wnids, cols) if supercats[w] == s] for s in names]
     group_of = {c: names.index(supercats[w]) for w, c in zip(wnids, cols)}
     ys = torch.tensor([group_of[int(v)] for v in y[idx]])
-    recs = _records(SuperCategoryLogits(model, groups), x[idx], ys, len(names), cfg,
-                    Path(work_dir) / f"super_{_tag(sorted(supercats.items()))}", device)
+    recs = robust_eval.evaluate_or_skip(SuperCategoryLogits(model, groups), x[idx], ys, len(names), cfg,
+                                        Path(work_dir) / f"super_{_tag(sorted(supercats.items()))}", device=device)
     return [{**r, "index": int(idx[r["index"]]), "classes": len(names)} for r in recs]

@@ -163,6 +163,19 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: in
     return out
 
 
+def evaluate_or_skip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: EvalConfig,
+                     work_dir: str | Path, start: int = 0, device: str | torch.device = "cpu") -> list[dict[str, Any]]:
+    """`evaluate`, except that a model below the clean floor keeps its clean flags and gets robust=None
+    ("not attacked") instead of an exception — so a table can still show it."""
+    try:
+        return evaluate(model, x, y, num_classes, cfg, work_dir, start, device)
+    except BelowCleanFloor as e:
+        clean = predict(model.to(device).eval(), x.to(device)) == y
+        return [{"index": start + i, "label": int(y[i]), "threat": t, "standard": cfg.mode == "autoattack",
+                 "clean": bool(clean[i]), "robust": None, "note": f"not attacked: {e}"}
+                for t in cfg.threats for i in range(len(y))]
+
+
 def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Clean and robust accuracy (with 95% Wilson intervals) per threat, in %."""
     by: dict[str, list[dict[str, Any]]] = {}
