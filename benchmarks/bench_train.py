@@ -90,9 +90,13 @@ def main() -> None:
     else:  # tiny has no timm twin: compare against an identical fresh copy of the plain model
         ref = models.build("plain", "tiny", args.classes)
     ref = ref.to(dev, memory_format=fmt).eval()
-    with torch.no_grad():
-        t_dep = _time(lambda: (autocast().__enter__(), dep(x)), args.steps, dev)
-        t_ref = _time(lambda: (autocast().__enter__(), ref(x)), args.steps, dev)
+    def infer(net):
+        def run():
+            with torch.no_grad(), autocast():  # the context must close: a leaked autocast would run AutoAttack in bf16
+                return net(x)
+        return run
+    t_dep = _time(infer(dep), args.steps, dev)
+    t_ref = _time(infer(ref), args.steps, dev)
     print(f"inference: deployable MPM {b / t_dep:7.1f} img/s, timm {'resnet50' if args.arch == 'r50' else 'plain'} "
           f"{b / t_ref:7.1f} img/s; ratio {t_dep / t_ref:.3f}   goal 1.00")
 

@@ -20,6 +20,13 @@ def _add_strict(p: argparse.ArgumentParser) -> None:
                    help="drop bad records and list them in the report")
 
 
+def _end_distributed() -> None:
+    """Close the process group a torchrun job opened (NCCL warns about leaked resources otherwise)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _cmd_synth(a: argparse.Namespace) -> int:
     from .synthetic import SynthConfig, generate
     cfg = SynthConfig(classes=a.classes, images_per_class=a.images_per_class, unannotated_per_class=a.unannotated_per_class,
@@ -87,6 +94,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     from . import mpm_experiments as mx
     from .config import apply_overrides, resolve
     from .training import train
+    a.run = a.run or a.run_opt
     s = resolve(a.profile, data_root=a.data_root, seed=a.seed)
     runs = mx.plan(s.mpm, s.paths.converted)
     if a.run not in runs:
@@ -94,6 +102,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     work = Path(a.work) if a.work else s.paths.data_root / "runs" / "mpm"
     tc = apply_overrides(mx.resolve_init(a.run, runs[a.run], s.mpm, work), _parse_sets(a.set), "train config")
     result = train(tc, s.paths.converted, work / a.run, resume=not a.restart)
+    _end_distributed()
     if result:
         print(json.dumps({k: v for k, v in result.items() if k not in ("config", "classes")}, indent=1))
     return 0
@@ -156,6 +165,52 @@ def _cmd_imagenet_c(a: argparse.Namespace) -> int:
     return 0
 
 
+def _seg_settings(a: argparse.Namespace):
+    from .config import apply_overrides, resolve
+    s = resolve(a.profile, data_root=a.data_root)
+    return s, apply_overrides(s.seg, _parse_sets(a.set), "seg config")
+
+
+def _cmd_seg_train(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import segmentation
+    s, sc = _seg_settings(a)
+    work = Path(a.work) if a.work else s.paths.data_root / "runs" / "seg"
+    res = segmentation.train(a.model, a.task, s.paths.converted, work, sc, a.seed)
+    _end_distributed()
+    if res:
+        print(json.dumps({k: v for k, v in res.items() if k not in ("classes", "cat_ids", "identity")}, indent=1))
+    return 0
+
+
+def _cmd_seg_eval(a: argparse.Namespace) -> int:
+    from . import fileio, seg_eval
+    s, sc = _seg_settings(a)
+    run = fileio.read_json(f"{a.run_dir}/done.json", "finished segmentation run", "train it first (`pinpp seg-train`)")
+    rows, _ = seg_eval.evaluate_run(run, s.paths.converted, a.split, a.on or run["task"], sc)
+    for r in rows:
+        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}))
+    return 0
+
+
+def _cmd_pseudo(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import pseudo_labels, segmentation
+    s, sc = _seg_settings(a)
+    work = Path(a.work) if a.work else s.paths.data_root / "runs" / "seg"
+    run = segmentation.train(sc.pseudo_model, "parts", s.paths.converted, work, sc, s.seg.seeds[0])
+    try:
+        k, n = (int(v) for v in a.shard.split("/"))
+        assert 0 <= k < n
+    except (ValueError, AssertionError):
+        raise PinppError(f"--shard {a.shard!r}: expected K/N with 0 <= K < N, e.g. 3/8") from None
+    summary, _ = pseudo_labels.pseudo_label(run, s.paths.converted, sc, s.pseudo, a.limit, (k, n))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pinpp", description="PartImageNet++ reproduction kit")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -196,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=_cmd_prepare)
 
     tr = sub.add_parser("train", help="train one run of notebook 05 (also under torchrun for DDP)")
-    tr.add_argument("--run", required=True, help="run name, e.g. at_mpm, at_plain, clean_vanilla (see notebook 05)")
+    # positional: torchrun's own parser would take `--run` for an abbreviation of its `--run-path`
+    tr.add_argument("run", nargs="?", help="run name, e.g. at_mpm, at_plain, clean_vanilla (see notebook 05)")
+    tr.add_argument("--run", dest="run_opt", metavar="RUN", help="the same, as an option (not under torchrun)")
     tr.add_argument("--profile", default="smoke", choices=("smoke", "full"))
     tr.add_argument("--data-root")
     tr.add_argument("--work", help="folder of the runs (default <data-root>/runs/mpm)")
@@ -223,6 +280,30 @@ def build_parser() -> argparse.ArgumentParser:
     ic.add_argument("--out", help="target folder (default: <data root>/imagenet_c, where notebook 06 reads it)")
     ic.add_argument("--corruption", action="append", help="only these corruptions (repeatable; one per job to parallelise)")
     ic.set_defaults(fn=_cmd_imagenet_c)
+
+    for name, fn, text in (("seg-train", _cmd_seg_train, "train one segmentation-benchmark model (mmdet; also under torchrun)"),
+                           ("seg-eval", _cmd_seg_eval, "mask/box AP of a trained segmentation run (pycocotools)"),
+                           ("pseudo-label", _cmd_pseudo, "write pseudo part labels (w/ and w/o the Category Filter)")):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("--profile", default="smoke", choices=("smoke", "full"))
+        sp.add_argument("--data-root")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a SegConfig field")
+        sp.set_defaults(fn=fn)
+        if name == "seg-train":
+            from .segmentation import CONFIGS, TASKS
+            sp.add_argument("--model", required=True, choices=list(CONFIGS))
+            sp.add_argument("--task", default="parts", choices=TASKS)
+            sp.add_argument("--seed", type=int, default=0)
+        if name in ("seg-train", "pseudo-label"):
+            sp.add_argument("--work", help="folder of the runs (default <data-root>/runs/seg)")
+        if name == "seg-eval":
+            sp.add_argument("--run-dir", required=True)
+            sp.add_argument("--split", default="test", choices=("train", "val", "test"))
+            sp.add_argument("--on", choices=("parts", "objects", "objects+parts"), help="file to score on (default: the training task)")
+        if name == "pseudo-label":
+            sp.add_argument("--limit", type=int, help="label only the first N unlabelled images (a dry run)")
+            sp.add_argument("--shard", default="0/1", help="K/N: this process labels every N-th image from the K-th "
+                                                           "(one process per GPU: CUDA_VISIBLE_DEVICES=K ... --shard K/N)")
 
     hc = sub.add_parser("human-consistency", help="model-vs-human metrics of a model's decisions, or the human ceiling")
     hc.add_argument("--decisions", help="CSV with dataset, imagename (or key), decision (one of the 16 categories); "

@@ -27,8 +27,10 @@ from .datasets import TransformConfig
 from .fileio import PinppError
 from .mpm_experiments import ExperimentConfig
 from .few_shot import FewShotConfig
+from .pseudo_labels import PseudoConfig
 from .robustness import RobustnessConfig
 from .runmeta import repo_root
+from .segmentation import SegConfig
 from .synthetic import SynthConfig
 
 PROFILES = ("smoke", "full")
@@ -57,6 +59,16 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         # and PGD-20 for Tables 4/5 (the smoke subsets have < 10 classes, too few for standard AutoAttack).
         "robustness": {"standins": True, "mvh_datasets": ("colour", "contrast", "uniform-noise", "sketch", "stylized", "edge"),
                        "subset_eval": {"mode": "pgd", "batch_size": 128}},
+        # Notebooks 02-04: the six configs at 1/8 width on 96 px LSJ crops, from scratch (no ImageNet weights
+        # here), 150 iterations of batch 4 with 64 RoIs per image (≈ 0.2-0.45 s each on 2 cores): enough to run
+        # every part of the pipeline, not to learn much (AP of a few points at most; 600 iterations give box AP50 ≈ 5
+        # on objects). Table 10: Mask R-CNN R50 with two seeds, so that its spread is computed. Federated loss over
+        # 15 of the ~40 part categories (the paper's 50 would cover them all and reduce to plain sigmoid CE).
+        "seg": {"image_size": 96, "width": 0.125, "vit_depth": 4, "pretrained": False, "iters": 150, "batch_size": 4,
+                "lr": 0.02, "warmup_iters": 25, "rois_per_image": 64, "num_fed_classes": 15, "workers": 0,
+                "ckpt_every": 50, "log_every": 25, "seeds": (0, 1), "object_models": ("mask_rcnn_r50_fpn",), "device": "cpu"},
+        # The smoke part model scores low after 150 iterations; at the default 0.5 it would paint nothing.
+        "pseudo": {"batch_size": 8, "score_thr": 0.05},
         # Notebook 07: its own synthetic release with 20 classes (10 train / 5 val / 5 test; 5-way episodes need
         # disjoint class sets), a narrow ResNet-12 at 40 px, short schedules, 60 test episodes per shot.
         "few_shot": {"synth": SynthConfig(classes=20, images_per_class=20, unannotated_per_class=0, val_per_class=0,
@@ -105,6 +117,8 @@ class Settings:
     mpm: ExperimentConfig = field(default_factory=ExperimentConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     few_shot: FewShotConfig = field(default_factory=FewShotConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

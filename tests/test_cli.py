@@ -47,3 +47,12 @@ def test_set_parsing_and_unknown_run():
         "epochs": 3, "transform": {"size": 32}, "init": "none", "lam": 0.5}
     r = _pinpp("train", "--run", "nope", "--data-root", "/tmp/never-made")
     assert r.returncode == 2 and "unknown run 'nope'" in r.stderr
+
+
+def test_run_names_pass_through_torchrun():
+    """torchrun's parser takes `--run` for an abbreviation of its `--run-path`: the run name is positional, as README shows."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29547",
+                        "-m", "pinpp_lib", "train", "nope", "--data-root", "/tmp/never-made"], capture_output=True, text=True)
+    assert "unknown run 'nope'" in r.stderr and "ambiguous option" not in r.stderr
+    r = _pinpp("seg-train", "--model", "mask_rcnn_r50_fpn", "--data-root", "/tmp/never-made")
+    assert r.returncode == 2 and "parts_train.json: benchmark file not found; run `pinpp prepare`" in r.stderr

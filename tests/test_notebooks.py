@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pandas as pd
 import papermill as pm
 import pytest
@@ -76,6 +77,53 @@ def test_prepare_and_statistics_notebooks(smoke_run):
     assert index["fig1_part_overlays.png"]["paper"] == "Fig. 1"
 
 
+def _run(nb_name: str, data: Path, results: Path) -> None:
+    nb = ROOT / "notebooks" / nb_name
+    pm.execute_notebook(str(nb), str(results / nb.name), parameters={"DATA_ROOT": str(data), "RESULTS_DIR": str(results)},
+                        kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
+
+
+def test_segmentation_notebooks(smoke_run):
+    """Notebooks 02-04: tiny real mmdet models on the synthetic benchmark files, Tables 9, 10, 6-left, pseudo labels."""
+    data, results = smoke_run
+    for nb in ("02_part_segmentation.ipynb", "03_object_segmentation.ipynb", "04_pseudo_labels.ipynb"):
+        _run(nb, data, results)
+    from pinpp_lib import config
+    sc = config.resolve("smoke").seg
+    metrics = ["mask AP", "mask AP50", "box AP", "box AP50"]
+    t9 = pd.read_csv(results / "table9_part_segmentation.csv")
+    assert len(t9) == len(sc.models) and t9[metrics].apply(lambda c: c.between(0, 100)).all().all()
+    per = pd.read_csv(results / "records" / "seg_parts_per_category.csv.gz")
+    n_parts = len(json.loads((data / "converted" / "parts.json").read_text()))
+    assert per.groupby(["config", "metric"]).size().eq(n_parts).all()  # every part category has its AP record
+    run = data / "runs" / "seg" / "parts" / f"{sc.models[0]}_seed{sc.seeds[0]}"
+    dets = json.loads((run / "detections_parts_test_plain.json").read_text())["detections"]["plain"]
+    assert dets and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(dets[0])
+    t10 = pd.read_csv(results / "table10_object_segmentation.csv")
+    assert len(t10) == len(sc.object_models) and (t10["seeds"] == len(sc.seeds)).all()
+    assert np.allclose(t10["Δ mask AP"], t10["mask AP object+part"] - t10["mask AP object-only"])
+    assert t10["Δ mask AP sd"].notna().all() == (len(sc.seeds) > 1)
+    t6 = pd.read_csv(results / "table6_left_pseudo_labels.csv")
+    assert list(t6.labels) == ["pseudo labels w/o CF", "pseudo labels w/ CF"] and t6[metrics].apply(lambda c: c.between(0, 100)).all().all()
+    # every unannotated training image has a pseudo label in both variants; CF never paints another class's part
+    conv = data / "converted"
+    recs = pd.read_csv(results / "records" / "pseudo_labels.csv.gz")
+    n_unlabelled = sum(1 for p in (conv / "train" / "img").glob("*/*.JPEG") if not (conv / "train" / "seg" / p.parent.name / f"{p.stem}.png").exists())
+    for v in ("cf", "nocf"):
+        assert len(list((conv / "train" / f"seg_pseudo_{v}").glob("*/*.png"))) == len(list((conv / "train" / "seg").glob("*/*.png"))) + n_unlabelled
+        assert (recs.variant == v).sum() == n_unlabelled
+    assert (recs[recs.variant == "cf"]["parts of another class"] == 0).all()
+    flags = [line.split()[1] for f in (conv / "train" / "whether_pseudo").glob("*.txt") for line in f.read_text().splitlines()]
+    assert flags.count("1") == n_unlabelled and "0" in flags
+    for fig in ("fig_part_segmentation.png", "fig_pseudo_labels.png"):
+        _assert_real_figure(results / fig)
+    for nb in ("02_part_segmentation", "03_object_segmentation", "04_pseudo_labels"):
+        meta = json.loads((results / "run_meta" / f"{nb}.json").read_text())
+        assert meta["profile"] == "smoke" and meta["packages"]["mmdet"] == "3.3.0"
+    index = json.loads((results / "index.json").read_text())
+    assert index["table9_part_segmentation.md"]["paper"] == "Table 9" and index["table6_left_pseudo_labels.csv"]["paper"] == "Table 6 (left)"
+
+
 def test_mpm_notebook(smoke_run):
     """Notebook 05 on the smoke profile: trains tiny models, attacks them, writes every table."""
     data, results = smoke_run
@@ -95,7 +143,12 @@ def test_mpm_notebook(smoke_run):
     records = pd.read_csv(results / "records" / "mpm_autoattack.csv.gz")
     assert {"run", "protocol", "index", "threat", "clean", "robust", "standard"} <= set(records.columns)
     _assert_real_figure(results / "figA1_lambda.png")
-    assert "Not run yet" in (results / "table6_right_pseudo_labels.md").read_text()
+    t6 = pd.read_csv(results / "table6_right_pseudo_labels.csv")
+    if (data / "converted" / "train" / "seg_pseudo_cf").is_dir():  # notebook 04 ran first (as in run_all.sh)
+        assert list(t6.model) == ["real labels only", "+ pseudo w/o CF", "+ pseudo w/ CF"]
+        assert "Not run yet" not in (results / "table6_right_pseudo_labels.md").read_text()
+    else:
+        assert list(t6.model) == ["real labels only"] and "Not run yet" in (results / "table6_right_pseudo_labels.md").read_text()
 
 
 def test_robustness_notebook(smoke_run):

@@ -1,0 +1,207 @@
+"""Pseudo part labels with the Category Filter (paper §4.1, Table 6 left; no public code exists).
+
+The part model (Mask R-CNN trained on the `parts` benchmark file) runs over every training image
+that has no real part mask. Each detection gets one label, the argmax of its class scores; with the
+**Category Filter (CF)** the image's known class y first zeroes the scores of every part category
+that is not a part of y, so a part of another class can never be emitted. Detections above
+`score_thr` are composed into the MPM layout's 16-bit PNG of global part ids with the converter's
+overlap rule (inclusion depth first: an included child over its parent; at equal depth the higher
+score wins), written for both variants:
+
+    <converted>/train/seg_pseudo_cf/<wnid>/<name>.png      real labels + pseudo labels with CF
+    <converted>/train/seg_pseudo_nocf/<wnid>/<name>.png    real labels + pseudo labels without CF
+    <converted>/train/whether_pseudo/<wnid>.txt            "<wnid>/<name>.JPEG 0|1" (1 = pseudo)
+
+Real labels are linked into both folders, so notebook 05 trains on real + pseudo masks alike
+(`TrainConfig.seg_dir`). Labelling is batched, resumable (finished images are skipped) and reports
+images/s; unreadable images are skipped and listed in `pseudo_report.txt`.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import fileio, masks, seg_eval, segmentation
+from .datasets import list_image_folder
+
+VARIANTS = {"nocf": {"cf": False, "single_label": True}, "cf": {"cf": True, "single_label": True}}
+TABLE6_NAMES = {"nocf": "pseudo labels w/o CF", "cf": "pseudo labels w/ CF"}
+
+
+@dataclass
+class PseudoConfig:
+    """Pseudo-labelling settings (our choices where the paper is silent)."""
+    score_thr: float = 0.5   # a detection enters the pseudo label at this score or above
+    batch_size: int = 8
+    det_score_thr: float = 0.05  # RoI-head threshold before CF/argmax (as in evaluation)
+
+
+def allowed_labels(classes: list[str]) -> dict[str, list[int]]:
+    """wnid → the model labels that are parts of that class (training categories are '<wnid>:<part>')."""
+    out: dict[str, list[int]] = {}
+    for i, name in enumerate(classes):
+        out.setdefault(name.split(":", 1)[0], []).append(i)
+    return out
+
+
+def compose(pred, label_ids: list[int], depth: dict[int, int], shape: tuple[int, int], score_thr: float) -> np.ndarray:
+    """A (H, W) uint16 map of global part ids from one image's detections (0 = background).
+
+    Detections under `score_thr` are dropped; the rest are painted by inclusion depth, then by
+    ascending score, so an included child lies over its parent and a surer detection over a less sure one.
+    """
+    out = np.zeros(shape, dtype=np.uint16)
+    if len(pred) == 0:
+        return out
+    scores, labels = pred.scores.numpy(), pred.labels.numpy()
+    gids = [label_ids[lab] for lab in labels]
+    keep = [i for i in range(len(scores)) if scores[i] >= score_thr]
+    m = pred.masks.numpy()
+    for i in sorted(keep, key=lambda i: (depth[gids[i]], scores[i])):
+        out[m[i].astype(bool)] = gids[i]
+    return out
+
+
+def unlabelled_images(converted: str | Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
+    """(classes, all training samples, the samples without a real part mask); samples are (relative path, label)."""
+    conv = Path(converted)
+    classes, samples = list_image_folder(conv / "train" / "img")
+    return classes, samples, [(rel, y) for rel, y in samples if not masks.seg_path_for(conv / "train" / "seg", rel).exists()]
+
+
+def _link_real_labels(conv: Path, dest: Path) -> int:
+    """Link every real label PNG into `dest` (relative symlinks; idempotent). Returns the count."""
+    n = 0
+    for src in sorted((conv / "train" / "seg").glob("*/*.png")):
+        dst = dest / src.parent.name / src.name
+        n += 1
+        if dst.is_symlink() or dst.exists():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f"._tmp{os.getpid()}{dst.name}")  # per process: shards may link at the same time
+        tmp.unlink(missing_ok=True)
+        os.symlink(os.path.relpath(src, dst.parent), tmp)
+        os.replace(tmp, dst)
+    return n
+
+
+def pseudo_label(run: dict, converted: str | Path, sc: segmentation.SegConfig, pc: PseudoConfig,
+                 limit: int | None = None, shard: tuple[int, int] = (0, 1)) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Write pseudo labels (both variants) for every unlabelled training image; resumable.
+
+    Returns a summary (images, skipped, images/s) and per-image records (variant, detections kept,
+    parts painted, labelled fraction, parts of another class). `limit` caps the images (a dry run).
+    `shard=(k, n)` labels every n-th image from the k-th, so n processes (one per GPU) can share the
+    work; a last run without a shard then finds nothing pending and writes `whether_pseudo` for all.
+    """
+    conv = Path(converted)
+    dirs = {v: conv / "train" / f"seg_pseudo_{v}" for v in VARIANTS}
+    manifest = conv / "train" / "seg_pseudo_manifest.json"
+    want = {"weights_sha256": run["sha256"], "score_thr": pc.score_thr, "det_score_thr": pc.det_score_thr,
+            "variants": VARIANTS}
+    if manifest.exists() and fileio.read_json(manifest) != want:
+        raise fileio.PinppError(f"{manifest}: pseudo labels there come from another model or threshold; delete "
+                                f"{conv / 'train'}/seg_pseudo_* and the manifest to relabel")
+    fileio.write_json(manifest, want, indent=1)
+    n_real = sum(_link_real_labels(conv, d) for d in dirs.values()) // len(dirs)
+
+    parts = fileio.read_json(conv / "parts.json", "part table", "re-run `pinpp convert`")
+    depth = {p["id"]: p["depth"] for p in parts}
+    wnid_of = {p["id"]: p["wnid"] for p in parts}
+    allowed = allowed_labels(run["classes"])
+    classes, samples, todo = unlabelled_images(conv)
+    todo = todo[:limit] if limit is not None else todo
+    k, n = shard
+    pending = [(rel, y) for i, (rel, y) in enumerate(todo)
+               if i % n == k and not all(masks.seg_path_for(d, rel).exists() for d in dirs.values())]
+    items = [{"img_path": conv / "train" / "img" / rel, "img_id": k, "file_name": rel,
+              "allowed_labels": allowed.get(classes[y], [])} for k, (rel, y) in enumerate(pending)]
+
+    model, _ = segmentation.load_model(run, sc.device)
+    model.roi_head.test_cfg["score_thr"] = pc.det_score_thr
+    records, skipped = [], []
+    t0 = time.time()
+    for it, preds, err in seg_eval.infer(model, items, pc.batch_size, VARIANTS, desc="pseudo labels"):
+        if err:
+            skipped.append(f"{it['file_name']}: {err}")
+            continue
+        wnid = it["file_name"].split("/")[0]
+        for v, pred in preds.items():
+            shape = tuple(pred.masks.shape[1:]) if len(pred) else _image_shape(it["img_path"])
+            label = compose(pred, run["cat_ids"], depth, shape, pc.score_thr)
+            masks.write_label_png(masks.seg_path_for(dirs[v], it["file_name"]), label)
+            ids = [int(i) for i in np.unique(label) if i]
+            records.append({"file_name": it["file_name"], "wnid": wnid, "variant": v, "detections": len(pred),
+                            "kept": int((pred.scores >= pc.score_thr).sum()) if len(pred) else 0, "parts painted": len(ids),
+                            "labelled fraction": float((label > 0).mean()),
+                            "parts of another class": sum(wnid_of[i] != wnid for i in ids)})
+    seconds = time.time() - t0
+    done = [rel for rel, _ in todo if all(masks.seg_path_for(d, rel).exists() for d in dirs.values())]
+    _write_whether_pseudo(conv, samples, classes, set(done))
+    fileio.write_text(conv / "train" / "pseudo_report.txt",
+                      "".join(s + "\n" for s in skipped) or "no unreadable images\n")
+    summary = {"real labels": n_real, "unlabelled images": len(todo), "labelled now": len(pending) - len(skipped),
+               "labelled before (resumed)": len(done) - (len(pending) - len(skipped)), "skipped (unreadable)": len(skipped),
+               "still without a label": len(todo) - len(done),
+               "seconds": round(seconds, 1), "images/s": round((len(pending) - len(skipped)) / max(seconds, 1e-9), 2)}
+    return summary, pd.DataFrame(records)
+
+
+def _image_shape(path: Path) -> tuple[int, int]:
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.height, im.width
+
+
+def _write_whether_pseudo(conv: Path, samples: list[tuple[str, int]], classes: list[str], pseudo: set[str]) -> None:
+    """whether_pseudo/<wnid>.txt over every labelled training image: 0 = real mask, 1 = pseudo mask."""
+    lines: dict[str, list[str]] = {w: [] for w in classes}
+    for rel, y in samples:
+        if masks.seg_path_for(conv / "train" / "seg", rel).exists():
+            lines[classes[y]].append(f"{rel} 0\n")
+        elif rel in pseudo:
+            lines[classes[y]].append(f"{rel} 1\n")
+    for wnid, ls in lines.items():
+        fileio.write_text(conv / "train" / "whether_pseudo" / f"{wnid}.txt", "".join(ls))
+
+
+def table6_left(rows: list[dict]) -> pd.DataFrame:
+    """AP / AP50 (mask and box, %) of the part model on the val split, without and with CF."""
+    df = pd.DataFrame(rows)
+    df["labels"] = df["variant"].map(TABLE6_NAMES)
+    return df[["labels", "model", *seg_eval.METRICS, "detections"]]
+
+
+def plot_pseudo(converted: str | Path, records: pd.DataFrame, path: str | Path, n: int = 6) -> Path:
+    """Unlabelled images with their pseudo labels without and with CF (colour = global part id);
+    images where CF changed most (parts of another class removed) come first."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    conv = Path(converted)
+    piv = records.pivot_table(index="file_name", columns="variant", values="parts of another class", aggfunc="first")
+    files = list(piv.sort_values("nocf", ascending=False, kind="stable").index[:n])
+    fig, axes = plt.subplots(3, len(files), figsize=(2.2 * len(files), 6.6), squeeze=False)
+    for col, rel in enumerate(files):
+        img = np.asarray(Image.open(conv / "train" / "img" / rel).convert("RGB"))
+        axes[0, col].imshow(img)
+        axes[0, col].set_title(rel.split("/")[0], fontsize=8)
+        for row, v in ((1, "nocf"), (2, "cf")):
+            lab = masks.read_label_png(masks.seg_path_for(conv / "train" / f"seg_pseudo_{v}", rel))
+            axes[row, col].imshow(seg_eval.overlay(img, [(lab == i, int(i)) for i in np.unique(lab) if i]))
+            axes[row, col].set_title(f"{TABLE6_NAMES[v].split(' ', 2)[2]}: {int(piv.loc[rel, v])} foreign", fontsize=8)
+        for ax in axes[:, col]:
+            ax.axis("off")
+    fig.suptitle("Pseudo part labels: w/o CF (middle) vs w/ CF (bottom); 'foreign' = parts of another class", fontsize=9)
+    fig.tight_layout()
+    with fileio.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return Path(path)

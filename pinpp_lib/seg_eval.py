@@ -1,0 +1,284 @@
+"""Inference and COCO evaluation of the segmentation benchmark (paper §5: Tables 9, 10).
+
+    infer          batched mmdet inference; the backbone and RPN run once per batch and the RoI head
+                   once per requested variant (plain, Category Filter, one label per RoI)
+    evaluate_run   a finished run on a benchmark split: detections (per-detection records, COCO
+                   results JSON in the run folder) → pycocotools COCOeval, mask and box AP / AP50
+                   (COCO 0.5:0.95, area all, 100 detections) and per-category AP records
+    table9/10      the tables; Table 10 is object-only vs object+part training, evaluated on objects
+
+Categories are matched by name between a model's training file and the evaluated file, so an
+object+part model is scored on the objects file with its part detections dropped.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from pycocotools import mask as mask_utils
+from tqdm.auto import tqdm
+
+from . import fileio, segmentation
+from .segmentation import CONFIGS
+
+IOU_TYPES = {"segm": "mask", "bbox": "box"}
+
+
+def _test_pipeline(cfg):
+    from mmcv.transforms import Compose
+    return Compose(cfg.test_pipeline)
+
+
+@contextlib.contextmanager
+def _rcnn_option(model, key: str, value: Any):
+    """Temporarily set an option of the RoI head's test config (e.g. single_label)."""
+    tc = model.roi_head.test_cfg
+    old = tc.get(key, None)
+    tc[key] = value
+    try:
+        yield
+    finally:
+        tc[key] = old
+
+
+def infer(model, items: list[dict], batch_size: int, variants: dict[str, dict] | None = None,
+          desc: str = "inference") -> Iterator[tuple[dict, dict[str, Any] | None, str | None]]:
+    """Yield (item, {variant: pred_instances on CPU}, error) per item, in order.
+
+    `items` are dicts with `img_path`, `img_id` and, for the Category Filter, `allowed_labels`.
+    `variants` maps a name to {"cf": bool, "single_label": bool}; default: one plain variant.
+    An image that cannot be read yields (item, None, reason) and the rest go on.
+    """
+    from mmengine.dataset import pseudo_collate
+    variants = variants or {"plain": {"cf": False, "single_label": False}}
+    pipeline = _test_pipeline(model.cfg)
+    dev = next(model.parameters()).device
+    for start in tqdm(range(0, len(items), batch_size), desc=desc, leave=False):
+        batch, datas, failed = items[start:start + batch_size], [], {}
+        for k, it in enumerate(batch):
+            try:
+                datas.append(pipeline({"img_path": str(it["img_path"]), "img_id": it["img_id"]}))
+            except Exception as e:  # unreadable/missing/truncated: reported, not fatal
+                failed[k] = f"{type(e).__name__}: {e}"
+        ok = [it for k, it in enumerate(batch) if k not in failed]
+        outs: list[dict[str, Any]] = [{} for _ in ok]
+        if ok:
+            with torch.no_grad():
+                data = model.data_preprocessor(pseudo_collate(datas), False)
+                x = model.extract_feat(data["inputs"].to(dev))
+                samples = data["data_samples"]
+                rpn = model.rpn_head.predict(x, samples, rescale=False)
+                for name, v in variants.items():
+                    for s, it in zip(samples, ok):
+                        s.set_metainfo({"allowed_labels": it.get("allowed_labels") if v.get("cf") else None})
+                    with _rcnn_option(model, "single_label", bool(v.get("single_label"))):
+                        res = model.roi_head.predict(x, copy.deepcopy(rpn), samples, rescale=True)
+                    for o, r in zip(outs, res):
+                        o[name] = r.cpu()
+        it_ok = iter(outs)
+        for k, it in enumerate(batch):
+            yield (it, None, failed[k]) if k in failed else (it, next(it_ok), None)
+
+
+def to_coco_detections(pred, image_id: int, cat_ids: list[int]) -> list[dict]:
+    """COCO result dicts (bbox xywh, score, RLE mask) of one image's predicted instances."""
+    if len(pred) == 0:
+        return []
+    boxes = pred.bboxes.numpy().astype(float)
+    masks = pred.masks.numpy().astype(np.uint8) if "masks" in pred else None
+    out = []
+    for i, (lab, score) in enumerate(zip(pred.labels.tolist(), pred.scores.tolist())):
+        x1, y1, x2, y2 = boxes[i]
+        d = {"image_id": image_id, "category_id": cat_ids[lab], "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)}
+        if masks is not None:
+            rle = mask_utils.encode(np.asfortranarray(masks[i]))
+            d["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+        out.append(d)
+    return out
+
+
+def coco_evaluate(gt_file: str | Path, dets: list[dict], iou_type: str) -> tuple[dict[str, float], pd.DataFrame]:
+    """COCOeval (0.5:0.95, area all, 100 dets): ({AP, AP50} in %, per-category AP/AP50 in %).
+
+    A category with no ground truth in the file has AP NaN (excluded from the mean, as COCO does).
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        gt = COCO(str(gt_file))
+        cats = sorted(gt.getCatIds())
+        n_gt = {c: len(gt.getAnnIds(catIds=[c], iscrowd=False)) for c in cats}
+        if not dets:  # nothing detected: every category with ground truth scores 0
+            per = pd.DataFrame({"category_id": cats, "AP": [0.0 if n_gt[c] else np.nan for c in cats]})
+            per["AP50"] = per["AP"]
+            summary = {"AP": 0.0, "AP50": 0.0}
+        else:
+            ev = COCOeval(gt, gt.loadRes(copy.deepcopy(dets)), iou_type)
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+            prec = ev.eval["precision"][:, :, :, 0, -1]  # T × R × K at area 'all', 100 dets
+
+            def ap(p: np.ndarray) -> float:
+                return float(p[p > -1].mean() * 100) if (p > -1).any() else np.nan
+            per = pd.DataFrame({"category_id": ev.params.catIds,
+                                "AP": [ap(prec[:, :, k]) for k in range(prec.shape[2])],
+                                "AP50": [ap(prec[0, :, k]) for k in range(prec.shape[2])]})
+            summary = {"AP": float(ev.stats[0] * 100), "AP50": float(ev.stats[1] * 100)}
+    per["category"] = [gt.cats[c]["name"] for c in per.category_id]
+    per["n_gt"] = [n_gt[c] for c in per.category_id]
+    return summary, per
+
+
+def benchmark_items(gt_file: str | Path, img_root: str | Path) -> list[dict]:
+    """The images of a benchmark file as inference items."""
+    coco = fileio.read_json(gt_file, "COCO annotation file", "re-run `pinpp convert`")
+    return [{"img_path": Path(img_root) / im["file_name"], "img_id": im["id"], "file_name": im["file_name"]}
+            for im in coco["images"]]
+
+
+def detections(run: dict, converted: str | Path, split: str, eval_task: str, sc: segmentation.SegConfig,
+               variants: dict[str, dict] | None = None, allowed: dict[str, list[int]] | None = None) -> dict[str, list[dict]]:
+    """Per-detection records of a run on `<eval_task>_<split>.json`, per variant, cached in the run folder
+    (keyed by the weights' sha256); category ids are those of the evaluated file, matched by name."""
+    variants = variants or {"plain": {"cf": False, "single_label": False}}
+    gt_file = segmentation.annotation_file(converted, eval_task, split)
+    tag = f"{eval_task}_{split}_" + "_".join(variants)
+    cache = Path(run["out"]) / f"detections_{tag}.json"
+    if cache.exists():
+        old = fileio.read_json(cache)
+        if old.get("sha256") == run["sha256"] and old.get("variants") == variants and old.get("score_thr") == sc.score_thr:
+            return old["detections"]
+    gt_cats = {c["name"]: c["id"] for c in segmentation.categories(gt_file)}
+    # label → category id of the evaluated file; -1 = a category that file does not score (dropped)
+    cat_ids = [gt_cats.get(name, -1) for name in run["classes"]]
+    model, _ = segmentation.load_model(run, sc.device)
+    model.roi_head.test_cfg["score_thr"] = sc.score_thr
+    items = benchmark_items(gt_file, Path(converted) / "train" / "img")
+    for it in items:
+        if allowed is not None:
+            it["allowed_labels"] = allowed[it["file_name"].split("/")[0]]
+    out: dict[str, list[dict]] = {v: [] for v in variants}
+    t0 = time.time()
+    for it, preds, err in infer(model, items, sc.test_batch, variants, desc=f"{run['config']} on {eval_task}_{split}"):
+        if err:
+            raise fileio.PinppError(f"{it['img_path']}: {err}; restore the image (it is part of the benchmark split)")
+        for v, p in preds.items():
+            out[v] += [d for d in to_coco_detections(p, it["img_id"], cat_ids) if d["category_id"] != -1]
+    fileio.write_json(cache, {"sha256": run["sha256"], "variants": variants, "score_thr": sc.score_thr, "images": len(items),
+                              "seconds": round(time.time() - t0, 2), "detections": out})
+    return out
+
+
+def evaluate_run(run: dict, converted: str | Path, split: str, eval_task: str, sc: segmentation.SegConfig,
+                 variants: dict[str, dict] | None = None, allowed: dict[str, list[int]] | None = None
+                 ) -> tuple[list[dict], pd.DataFrame]:
+    """Mask and box AP/AP50 of a run per variant: (summary rows, per-category records)."""
+    gt_file = segmentation.annotation_file(converted, eval_task, split)
+    dets = detections(run, converted, split, eval_task, sc, variants, allowed)
+    rows, per_cat = [], []
+    key = {"config": run["config"], "model": CONFIGS[run["config"]], "trained on": run["task"], "seed": run["seed"],
+           "evaluated on": f"{eval_task}_{split}"}
+    for v, d in dets.items():
+        row = {**key, "variant": v, "detections": len(d)}
+        for iou, label in IOU_TYPES.items():
+            summary, per = coco_evaluate(gt_file, d if iou == "segm" else [{k: x for k, x in e.items() if k != "segmentation"}
+                                                                          for e in d], iou)
+            row[f"{label} AP"], row[f"{label} AP50"] = summary["AP"], summary["AP50"]
+            per_cat.append(per.assign(**key, variant=v, metric=label))
+        rows.append(row)
+    return rows, pd.concat(per_cat, ignore_index=True)
+
+
+METRICS = ["mask AP", "mask AP50", "box AP", "box AP50"]
+
+
+def table9(rows: pd.DataFrame) -> pd.DataFrame:
+    """Part segmentation: mask and box AP/AP50 (%) per model (mean over seeds)."""
+    g = rows.groupby("model", sort=False)
+    return g[METRICS].mean().reset_index().assign(seeds=g.size().to_numpy())
+
+
+def table10(rows: pd.DataFrame) -> pd.DataFrame:
+    """Object segmentation: object-only vs object+part training, both scored on objects; the delta
+    (object+part − object-only) per metric, with its standard deviation over seeds when there are several."""
+    piv = rows.pivot_table(index=["model", "seed"], columns="trained on", values=METRICS, sort=False)
+    out = []
+    for model, df in piv.groupby(level=0, sort=False):
+        r: dict[str, Any] = {"model": model}
+        for m in ("mask AP", "box AP", "mask AP50"):
+            obj, both = df[(m, "objects")], df[(m, "objects+parts")]
+            delta = both - obj
+            r[f"{m} object-only"], r[f"{m} object+part"] = obj.mean(), both.mean()
+            r[f"Δ {m}"] = delta.mean()
+            r[f"Δ {m} sd"] = delta.std(ddof=1) if len(delta) > 1 else np.nan
+        r["seeds"] = len(df)
+        out.append(r)
+    return pd.DataFrame(out)
+
+
+def evaluate_runs(runs: dict, converted: str | Path, split: str, eval_task: str, sc: segmentation.SegConfig
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`evaluate_run` over several runs: (one row per run and variant, per-category records)."""
+    rows, per = [], []
+    for run in tqdm(list(runs.values()), desc=f"evaluating on {eval_task}_{split}"):
+        r, p = evaluate_run(run, converted, split, eval_task, sc)
+        rows += r
+        per.append(p)
+    return pd.DataFrame(rows), pd.concat(per, ignore_index=True)
+
+
+def _colour(i: int) -> np.ndarray:
+    """A stable, distinct colour per category id (golden-ratio hues)."""
+    import colorsys
+    return np.array(colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 1.0))
+
+
+def overlay(img: np.ndarray, masks_ids: list[tuple[np.ndarray, int]], alpha: float = 0.55) -> np.ndarray:
+    """The image (H, W, 3 uint8) with each (mask, category id) painted over it in the category's colour."""
+    out = img.astype(float) / 255
+    for m, cid in masks_ids:
+        m = m.astype(bool)
+        out[m] = (1 - alpha) * out[m] + alpha * _colour(cid)
+    return out
+
+
+def plot_predictions(run: dict, converted: str | Path, split: str, path: str | Path, n: int = 6,
+                     score_thr: float = 0.5) -> Path:
+    """Ground-truth part masks next to the run's predicted masks (score ≥ `score_thr`; notebooks pass the
+    pseudo-label threshold, so the figure shows what would become a label) on `n` images."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    from pycocotools.coco import COCO
+    gt_file = segmentation.annotation_file(converted, run["task"], split)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_file))
+    dets = fileio.read_json(Path(run["out"]) / f"detections_{run['task']}_{split}_plain.json")["detections"]["plain"]
+    ids = sorted(gt.getImgIds())[:n]
+    fig, axes = plt.subplots(2, len(ids), figsize=(2.2 * len(ids), 4.6), squeeze=False)
+    for col, iid in enumerate(ids):
+        info = gt.imgs[iid]
+        img = np.asarray(Image.open(Path(converted) / "train" / "img" / info["file_name"]).convert("RGB"))
+        truth = [(gt.annToMask(a), a["category_id"]) for a in gt.loadAnns(gt.getAnnIds(imgIds=[iid]))]
+        pred = [(mask_utils.decode(d["segmentation"]), d["category_id"]) for d in dets
+                if d["image_id"] == iid and d["score"] >= score_thr]
+        for row, (ms, title) in enumerate(((truth, f"truth: {len(truth)} parts"), (pred, f"predicted: {len(pred)}"))):
+            ax = axes[row, col]
+            ax.imshow(overlay(img, ms))
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    fig.suptitle(f"{CONFIGS[run['config']]} on {run['task']}_{split} (colour = part category; score ≥ {score_thr})", fontsize=9)
+    fig.tight_layout()
+    with fileio.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,247 @@
+"""mmdet building blocks of the segmentation benchmark (paper §5) that mmdet does not ship.
+
+Registered into mmdet's MODELS registry on import; the kit's configs (`pinpp_lib/seg_configs/`)
+import this module through `custom_imports`, so torchrun workers register them too.
+
+    FederatedLoss         sigmoid BCE over the ground-truth classes of the batch plus sampled
+                          negatives (Zhou et al. 2021, as in detectron2's fed loss; the authors' recipe)
+    PartFilterBBoxHead    Shared2FCBBoxHead + two inference options: the Category Filter (CF, §4.1:
+                          scores of categories outside an image's `allowed_labels` are zeroed) and
+                          `single_label` (one label per RoI: its argmax) used when pseudo-labelling
+    TimmViT               a timm ViT (ViT-S/16: embed 384, depth 12) as a single-scale backbone
+    SimpleFeaturePyramid  ViTDet's simple feature pyramid: strides 4/8/16/32 (+64) from the stride-16 map
+    PlainHistoryHook      keeps mmengine's resume checkpoints loadable with torch.load(weights_only=True)
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmdet.models.roi_heads.bbox_heads import Shared2FCBBoxHead
+from mmdet.registry import HOOKS, MODELS
+from mmengine.hooks import Hook
+from mmengine.logging import HistoryBuffer
+from mmengine.model import BaseModule
+from torch import Tensor
+
+from . import fileio
+
+
+def class_image_counts(ann_file: str, num_classes: int) -> Tensor:
+    """Images per category of a COCO file, in the order of the categories' ids (= mmdet's labels)."""
+    coco = fileio.read_json(ann_file, "COCO annotation file", "re-run `pinpp convert`")
+    cat_ids = sorted(c["id"] for c in coco["categories"])
+    if len(cat_ids) != num_classes:
+        raise fileio.PinppError(f"{ann_file}: {len(cat_ids)} categories but the model has {num_classes} classes; "
+                                "rebuild the config from this file")
+    label = {c: i for i, c in enumerate(cat_ids)}
+    seen: set[tuple[int, int]] = {(a["image_id"], label[a["category_id"]]) for a in coco["annotations"]}
+    counts = torch.zeros(num_classes)
+    for _, lab in seen:
+        counts[lab] += 1
+    return counts
+
+
+def federated_classes(labels: Tensor, num_classes: int, num_fed: int, weight: Tensor) -> Tensor:
+    """The classes a federated loss is computed over: every ground-truth class among `labels`
+    (background = `num_classes` is skipped) plus negatives drawn without replacement with
+    probability ∝ `weight` (image frequency ** power), up to `num_fed` classes in all."""
+    gt = torch.unique(labels[(labels >= 0) & (labels < num_classes)])
+    if len(gt) >= num_fed:
+        return gt
+    prob = weight.to(labels.device, torch.float).clone()
+    prob[gt] = 0
+    n_neg = min(num_fed - len(gt), int((prob > 0).sum()))
+    if n_neg == 0:
+        return gt
+    return torch.cat([gt, torch.multinomial(prob, n_neg, replacement=False)])
+
+
+@MODELS.register_module()
+class FederatedLoss(nn.Module):
+    """Sigmoid cross-entropy restricted to a federated subset of classes, for the RoI classifier.
+
+    The classifier has K outputs (no background logit): a background RoI is all-zero targets.
+    Per batch, the loss covers the K-way BCE only on the classes from `federated_classes`
+    (ground truth of the batch + `num_fed_classes` in all, negatives by frequency**`freq_power`),
+    summed over classes and averaged over RoIs. Class frequencies are read from `ann_file`.
+    Inference uses the sigmoid scores with a zero background column appended (mmdet's NMS drops it).
+    """
+
+    def __init__(self, num_classes: int, ann_file: Optional[str] = None, num_fed_classes: int = 50,
+                 freq_power: float = 0.5, loss_weight: float = 1.0, use_fed_loss: bool = True):
+        super().__init__()
+        self.num_classes, self.num_fed, self.loss_weight, self.use_fed = num_classes, num_fed_classes, loss_weight, use_fed_loss
+        counts = class_image_counts(ann_file, num_classes) if ann_file else torch.ones(num_classes)
+        self.register_buffer("fed_weight", counts.float() ** freq_power, persistent=False)
+        # mmdet's BBoxHead asks the loss for its output channels, activation and accuracy
+        self.custom_cls_channels = self.custom_activation = self.custom_accuracy = True
+
+    def get_cls_channels(self, num_classes: int) -> int:
+        return num_classes
+
+    def get_activation(self, cls_score: Tensor) -> Tensor:
+        return torch.cat([cls_score.sigmoid(), cls_score.new_zeros(len(cls_score), 1)], dim=1)
+
+    def get_accuracy(self, cls_score: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        fg = labels < self.num_classes
+        acc = (cls_score[fg].argmax(1) == labels[fg]).float().mean() * 100 if fg.any() else cls_score.new_tensor(0.0)
+        return {"acc": acc}
+
+    def forward(self, cls_score: Tensor, labels: Tensor, label_weights: Optional[Tensor] = None,
+                avg_factor: Optional[float] = None, reduction_override: Optional[str] = None) -> Tensor:
+        k = self.num_classes
+        target = F.one_hot(labels.clamp(0, k), k + 1)[:, :k].to(cls_score.dtype)  # background: all zeros
+        loss = F.binary_cross_entropy_with_logits(cls_score, target, reduction="none")
+        if self.use_fed:
+            mask = cls_score.new_zeros(k)
+            mask[federated_classes(labels, k, self.num_fed, self.fed_weight)] = 1
+            loss = loss * mask[None]
+        if label_weights is not None:
+            loss = loss * label_weights[:, None].to(loss.dtype)
+        return self.loss_weight * loss.sum() / (avg_factor if avg_factor else max(len(cls_score), 1))
+
+
+@MODELS.register_module()
+class PartFilterBBoxHead(Shared2FCBBoxHead):
+    """The standard 2-fc box head, plus the Category Filter and one-label-per-RoI at inference.
+
+    - CF: an image whose metainfo carries `allowed_labels` (the labels of its class's parts) gets
+      every other category's logit set to −inf before scoring, so its probability is exactly 0 and
+      no detection of another class's part can come out (paper §4.1).
+    - `single_label=True` in the rcnn test config keeps only each RoI's best category ("argmax per
+      detection"), instead of one detection per category above the score threshold.
+    Without either option it is exactly Shared2FCBBoxHead. With a sigmoid classifier (FederatedLoss)
+    the classifier's bias starts at the prior log(p / (1 − p)), p = `prior_prob` (as detectron2's
+    sigmoid/federated heads): otherwise the K independent sigmoids start at 0.5 and the first steps'
+    loss is ~K × 0.69, large enough to destabilise training from scratch.
+    """
+
+    def __init__(self, *args, prior_prob: float = 0.01, **kwargs):
+        super().__init__(*args, **kwargs)
+        if isinstance(self.loss_cls, FederatedLoss):
+            for init in self.init_cfg:
+                if init.get("override") == {"name": "fc_cls"}:
+                    init["bias_prob"] = prior_prob
+
+    def _predict_by_feat_single(self, roi: Tensor, cls_score: Tensor, bbox_pred: Tensor, img_meta: dict,
+                                rescale: bool = False, rcnn_test_cfg=None):
+        allowed = img_meta.get("allowed_labels")
+        single = rcnn_test_cfg is not None and rcnn_test_cfg.get("single_label", False)
+        if cls_score is not None and len(cls_score) and (allowed is not None or single):
+            cls_score = filter_logits(cls_score, self.num_classes, allowed, single)
+        return super()._predict_by_feat_single(roi, cls_score, bbox_pred, img_meta, rescale, rcnn_test_cfg)
+
+
+def filter_logits(cls_score: Tensor, num_classes: int, allowed: Optional[Sequence[int]], single: bool) -> Tensor:
+    """Logits with categories outside `allowed` (and, if `single`, all but the best one) at −inf.
+    A background column (softmax heads) is kept as it is."""
+    out = cls_score.clone()
+    fg = out[:, :num_classes]
+    if allowed is not None:
+        keep = torch.zeros(num_classes, dtype=torch.bool, device=out.device)
+        keep[torch.as_tensor(list(allowed), dtype=torch.long, device=out.device)] = True
+        fg[:, ~keep] = float("-inf")
+    if single:
+        best = fg.argmax(1)
+        mask = torch.ones_like(fg, dtype=torch.bool)
+        mask[torch.arange(len(fg)), best] = False
+        fg[mask] = float("-inf")
+    return out
+
+
+@MODELS.register_module()
+class TimmViT(BaseModule):
+    """A timm ViT as a plain backbone: returns the stride-`patch` map of its last block, (B, C, H/p, W/p).
+
+    `dynamic_img_size` lets one model run at the training crop and at any padded test size (the
+    position embedding is resampled). Smaller widths/depths (smoke) are passed as overrides.
+    """
+
+    def __init__(self, model_name: str = "vit_small_patch16_224", img_size: int = 1024, pretrained: bool = False,
+                 drop_path_rate: float = 0.1, embed_dim: Optional[int] = None, depth: Optional[int] = None,
+                 num_heads: Optional[int] = None, init_cfg=None):
+        super().__init__(init_cfg)
+        import timm
+        kw = {k: v for k, v in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)) if v is not None}
+        try:
+            self.vit = timm.create_model(model_name, pretrained=pretrained, img_size=img_size, dynamic_img_size=True,
+                                         num_classes=0, global_pool="", drop_path_rate=drop_path_rate, **kw)
+        except Exception as e:  # offline hub: many exception types, one meaning
+            if not pretrained:
+                raise
+            raise fileio.PinppError(f"timm weights for {model_name} cannot be loaded here ({type(e).__name__}); put them in "
+                                    "the Hugging Face cache (HF_HOME) or set seg.pretrained=None") from None
+        self.patch = self.vit.patch_embed.patch_size[0]
+        self.out_channels = self.vit.embed_dim
+
+    def forward(self, x: Tensor) -> tuple[Tensor]:
+        b, _, h, w = x.shape
+        tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens:]
+        return (tokens.transpose(1, 2).reshape(b, -1, h // self.patch, w // self.patch),)
+
+
+@MODELS.register_module()
+class SimpleFeaturePyramid(BaseModule):
+    """ViTDet's simple feature pyramid: from one stride-16 map, maps at strides 16/4, 16/2, 16, 32 by
+    deconvolutions / identity / max-pooling, each projected by 1×1 + 3×3 convs with LayerNorm;
+    `num_outs` > 4 adds max-pooled levels on top (the RPN's stride-64 level)."""
+
+    def __init__(self, in_channels: int = 384, out_channels: int = 256, scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
+                 num_outs: int = 5, init_cfg=None):
+        super().__init__(init_cfg)
+        from timm.layers import LayerNorm2d
+        self.num_outs = num_outs
+        self.stages = nn.ModuleList()
+        for s in scale_factors:
+            c = in_channels
+            if s == 4.0:
+                layers, c = [nn.ConvTranspose2d(c, c // 2, 2, 2), LayerNorm2d(c // 2), nn.GELU(), nn.ConvTranspose2d(c // 2, c // 4, 2, 2)], c // 4
+            elif s == 2.0:
+                layers, c = [nn.ConvTranspose2d(c, c // 2, 2, 2)], c // 2
+            elif s == 1.0:
+                layers = []
+            elif s == 0.5:
+                layers = [nn.MaxPool2d(2, 2)]
+            else:
+                raise ValueError(f"scale factor {s} is not one of 4, 2, 1, 0.5")
+            layers += [nn.Conv2d(c, out_channels, 1, bias=False), LayerNorm2d(out_channels),
+                       nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), LayerNorm2d(out_channels)]
+            self.stages.append(nn.Sequential(*layers))
+
+    def forward(self, inputs: tuple[Tensor]) -> tuple[Tensor, ...]:
+        outs = [stage(inputs[-1]) for stage in self.stages]
+        while len(outs) < self.num_outs:
+            outs.append(F.max_pool2d(outs[-1], 1, stride=2))
+        return tuple(outs)
+
+
+_BUFFER_TAG = "__pinpp_history_buffer__"
+
+
+@HOOKS.register_module()
+class PlainHistoryHook(Hook):
+    """Stores the message hub's HistoryBuffers in checkpoints as plain lists, and back on loading.
+
+    A HistoryBuffer pickles its statistics methods through `getattr`, which `torch.load(weights_only=True)`
+    (the default since torch 2.6) rightly refuses; allow-listing `getattr` would defeat safe loading.
+    With plain lists a resume checkpoint holds only tensors, numbers, strings and numpy arrays
+    (the latter allow-listed by `segmentation.allow_mmengine_checkpoints`).
+    """
+
+    priority = "VERY_LOW"
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        scalars = checkpoint.get("message_hub", {}).get("log_scalars", {})
+        for k, buf in list(scalars.items()):
+            if isinstance(buf, HistoryBuffer):
+                log, count = buf.data
+                scalars[k] = {_BUFFER_TAG: True, "log": log.tolist(), "count": count.tolist(), "max_length": buf.max_length}
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        scalars = checkpoint.get("message_hub", {}).get("log_scalars", {})
+        for k, v in list(scalars.items()):
+            if isinstance(v, dict) and v.get(_BUFFER_TAG):
+                scalars[k] = HistoryBuffer(v["log"], v["count"], v["max_length"])

@@ -1,0 +1,307 @@
+"""Training the segmentation benchmark's models with mmdet (paper §5: Tables 9, 10; §4.1's part model).
+
+    configs     `pinpp_lib/seg_configs/<name>.py`: Mask R-CNN R50/R101-FPN, their cascades, and ViT-S
+                with a simple feature pyramid (with and without cascade) — one base, five deltas
+    tasks       "parts" | "objects" | "objects+parts": which benchmark file trains the model
+                (`<converted>/seg_benchmark/<task>_{train,val,test}.json`, written by `pinpp convert`)
+
+One implementation for notebooks 02–04, `pinpp seg-train`, and `torchrun -m pinpp_lib seg-train`
+(mmengine's `pytorch` launcher: one process per GPU, DDP; gloo on CPU). A run folder holds
+mmengine's resumable checkpoints while training (re-running resumes from the last one) and, once
+finished, the weights as `weights_<sha12>.pt` (state_dict only; loaded with weights_only=True and
+checked against the sha256) with `done.json`. A folder refuses a run with another configuration.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint, fileio
+from .fileio import PinppError
+
+CONFIGS = {  # config file → row label of Tables 9 and 10
+    "mask_rcnn_r50_fpn": "Mask R-CNN R50-FPN",
+    "mask_rcnn_r101_fpn": "Mask R-CNN R101-FPN",
+    "cascade_mask_rcnn_r50_fpn": "Cascade Mask R-CNN R50-FPN",
+    "cascade_mask_rcnn_r101_fpn": "Cascade Mask R-CNN R101-FPN",
+    "mask_rcnn_vit_s_sfp": "Mask R-CNN ViT-S (simple FPN)",
+    "cascade_mask_rcnn_vit_s_sfp": "Cascade Mask R-CNN ViT-S (simple FPN)",
+}
+TASKS = ("parts", "objects", "objects+parts")
+
+
+@dataclass
+class SegConfig:
+    """Segmentation-benchmark settings. Defaults: the authors' recipe (facts §3) at full size."""
+    models: tuple[str, ...] = tuple(CONFIGS)         # Table 9 rows
+    object_models: tuple[str, ...] = tuple(CONFIGS)  # Table 10 rows (each trained object-only and object+part)
+    pseudo_model: str = "mask_rcnn_r50_fpn"          # the part model that writes pseudo labels (§4.1)
+    seeds: tuple[int, ...] = (0,)                    # Table 10 runs each (and reports the spread); Tables 9 and 6-left the first
+    image_size: int = 1024       # LSJ crop and test size (longer side)
+    batch_size: int = 8          # total over all processes
+    lr: float = 0.03
+    iters: int = 62500
+    lr_steps: tuple[float, ...] = (0.5, 0.75)        # fractions of `iters`, ×0.1 each
+    warmup_iters: int = 1000
+    weight_decay: float = 1e-4
+    width: float = 1.0           # channel multiplier of backbone/neck/heads (1.0 = the published models)
+    vit_depth: int = 12
+    pretrained: bool = True      # ImageNet-pretrained backbones (torchvision R50/R101, timm ViT-S/16)
+    num_fed_classes: int = 50
+    rois_per_image: int = 512    # RoIs sampled per image for the box/mask heads (detectron2 and mmdet: 512)
+    rfs_threshold: float = 1e-3
+    workers: int = 4
+    ckpt_every: int = 5000
+    log_every: int = 50
+    test_batch: int = 8
+    score_thr: float = 0.05      # evaluation: COCO-style, up to 100 detections per image
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def config_path(name: str) -> Path:
+    if name not in CONFIGS:
+        raise PinppError(f"unknown segmentation config {name!r}; choose one of {', '.join(CONFIGS)}")
+    return Path(str(resources.files("pinpp_lib").joinpath("seg_configs").joinpath(f"{name}.py")))
+
+
+def annotation_file(converted: str | Path, task: str, split: str) -> Path:
+    if task not in TASKS:
+        raise PinppError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    path = Path(converted) / "seg_benchmark" / f"{task}_{split}.json"
+    if not path.exists():
+        raise PinppError(f"{path}: benchmark file not found; run `pinpp prepare` (notebook 00) or `pinpp convert` first")
+    return path
+
+
+def categories(ann_file: str | Path) -> list[dict]:
+    """The file's categories in id order: mmdet's label i is the i-th of them."""
+    coco = fileio.read_json(ann_file, "COCO annotation file", "re-run `pinpp convert`")
+    return sorted(coco["categories"], key=lambda c: c["id"])
+
+
+def _walk(node: Any, fn) -> None:
+    """Call fn(dict) on every dict inside a config tree."""
+    if isinstance(node, dict):
+        fn(node)
+        for v in node.values():
+            _walk(v, fn)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            _walk(v, fn)
+
+
+def _scale_width(model: dict, w: float) -> None:
+    """Multiply every channel count of the model by `w` (smoke shrinks the published models; 1.0 = unchanged)."""
+    if w == 1.0:
+        return
+    c = lambda n: max(8, int(round(n * w)))  # noqa: E731
+    bb = model["backbone"]
+    if bb["type"] == "ResNet":
+        bb["base_channels"] = c(64)
+        exp = 1 if bb["depth"] in (18, 34) else 4
+        model["neck"]["in_channels"] = [c(64) * exp * 2 ** i for i in range(4)]
+    else:  # ViT: width in multiples of its heads (64 channels each)
+        heads = max(1, int(round(6 * w)))
+        bb.update(embed_dim=64 * heads, num_heads=heads)
+        model["neck"]["in_channels"] = 64 * heads
+
+    def shrink(d: dict) -> None:
+        for k in ("out_channels", "feat_channels", "conv_out_channels", "fc_out_channels"):
+            if k in d:
+                d[k] = c(d[k])
+        if d.get("type") in ("SingleRoIExtractor", "PartFilterBBoxHead", "FCNMaskHead", "RPNHead"):
+            if "in_channels" in d:
+                d["in_channels"] = c(d["in_channels"])
+    for key in ("neck", "rpn_head", "roi_head"):
+        _walk(model[key], shrink)
+
+
+def _set_image_size(cfg, size: int) -> None:
+    def fix(d: dict) -> None:
+        if d.get("type") in ("RandomResize", "Resize"):
+            d["scale"] = (size, size)
+        elif d.get("type") == "RandomCrop" or d.get("type") == "BatchFixedSizePad":
+            d["crop_size" if d["type"] == "RandomCrop" else "size"] = (size, size)
+        elif d.get("type") == "TimmViT":
+            d["img_size"] = size
+    _walk(cfg.model, fix)
+    _walk(cfg.train_dataloader, fix)
+    _walk(cfg.test_pipeline, fix)
+
+
+def _set_classes(model: dict, n: int, ann_file: str, num_fed: int) -> None:
+    def fix(d: dict) -> None:
+        if "num_classes" in d and d.get("type") != "RPNHead":
+            d["num_classes"] = n
+        if d.get("type") == "FederatedLoss":
+            d.update(ann_file=ann_file, num_fed_classes=num_fed)
+    _walk(model, fix)
+
+
+def _set_pretrained(model: dict, pretrained: bool) -> None:
+    """Without ImageNet weights the backbone trains from scratch: nothing frozen, BN statistics updated."""
+    bb = model["backbone"]
+    if bb["type"] == "TimmViT":
+        bb["pretrained"] = pretrained
+    elif not pretrained:
+        bb.pop("init_cfg", None)
+        bb.update(frozen_stages=-1, norm_eval=False)
+
+
+def build_config(name: str, task: str, converted: str | Path, run_dir: str | Path, sc: SegConfig, seed: int = 0,
+                 world_size: int = 1):
+    """The mmengine Config of one run: the config file + this data, size, schedule and seed."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(str(config_path(name)))
+    ann = annotation_file(converted, task, "train")
+    cats = categories(ann)
+    _set_classes(cfg.model, len(cats), str(ann), sc.num_fed_classes)
+    _set_pretrained(cfg.model, sc.pretrained)
+    if cfg.model.backbone.type == "TimmViT":
+        cfg.model.backbone.depth = sc.vit_depth
+    _scale_width(cfg.model, sc.width)
+    _set_image_size(cfg, sc.image_size)
+    if sc.batch_size % world_size:
+        raise PinppError(f"seg batch_size {sc.batch_size} does not split over {world_size} processes; choose a multiple")
+    dl = cfg.train_dataloader
+    dl.batch_size, dl.num_workers, dl.persistent_workers = sc.batch_size // world_size, sc.workers, sc.workers > 0
+    dl.dataset.oversample_thr = sc.rfs_threshold
+    dl.dataset.dataset.update(ann_file=str(ann), data_prefix=dict(img=str(Path(converted) / "train" / "img") + "/"),
+                              metainfo=dict(classes=tuple(c["name"] for c in cats)))
+    rcnn = cfg.model.train_cfg.rcnn
+    for stage in (rcnn if isinstance(rcnn, list) else [rcnn]):
+        stage.sampler.num = sc.rois_per_image
+    cfg.train_cfg.max_iters = sc.iters
+    cfg.optim_wrapper.optimizer.update(lr=sc.lr, weight_decay=sc.weight_decay)
+    warm, steps = cfg.param_scheduler
+    warm.end = min(sc.warmup_iters, sc.iters)
+    steps.update(end=sc.iters, milestones=[int(f * sc.iters) for f in sc.lr_steps])
+    cfg.default_hooks.checkpoint.interval = sc.ckpt_every
+    cfg.default_hooks.logger.interval = sc.log_every
+    cfg.log_processor.window_size = sc.log_every
+    cfg.randomness = dict(seed=seed, deterministic=False)
+    cuda = sc.device.startswith("cuda")
+    cfg.env_cfg.dist_cfg.backend = "nccl" if cuda else "gloo"
+    cfg.launcher = "pytorch" if world_size > 1 else "none"
+    if world_size > 1 and not cuda:  # DDP over CPU processes takes no device ids (mmengine passes LOCAL_RANK)
+        cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False,
+                                     find_unused_parameters=False)
+    cfg.work_dir = str(run_dir)
+    return cfg
+
+
+def allow_mmengine_checkpoints() -> None:
+    """Let `torch.load(weights_only=True)` (torch ≥ 2.6's default) read mmengine's resume checkpoints.
+
+    `seg_models.PlainHistoryHook` stores the message hub as plain lists; what remains beyond tensors
+    are numpy arrays/scalars and the LR scheduler's Counter. This allow-lists exactly those types
+    instead of disabling safe loading."""
+    import collections
+
+    import numpy as np
+    from numpy._core.multiarray import _reconstruct, scalar  # numpy's own pickling helpers
+    dtypes = [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+    torch.serialization.add_safe_globals([_reconstruct, scalar, np.ndarray, np.dtype, collections.Counter, *dtypes])
+
+
+def check_pretrained(cfg) -> None:
+    """Fail early, in one line, when ImageNet weights the config asks for are not on disk (offline)."""
+    init = cfg.model.backbone.get("init_cfg") or {}
+    ck = init.get("checkpoint", "") if isinstance(init, dict) else ""
+    if ck.startswith("torchvision://"):
+        from mmengine.runner.checkpoint import get_torchvision_models
+        url = get_torchvision_models()[ck.split("//", 1)[1]]
+        path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+        if not path.exists():
+            raise PinppError(f"{path}: ImageNet weights for the backbone ({ck}) are not on disk and cannot be downloaded "
+                             f"here; fetch {url} there, or train from scratch with seg.pretrained=False")
+
+
+def run_dir(work: str | Path, name: str, task: str, seed: int) -> Path:
+    return Path(work) / task / f"{name}_seed{seed}"
+
+
+def _identity(name: str, task: str, seed: int, sc: SegConfig, ann_file: Path) -> dict[str, Any]:
+    """What makes two runs the same run (the device and loader workers do not)."""
+    d = {k: v for k, v in dataclasses.asdict(sc).items()
+         if k not in ("models", "object_models", "pseudo_model", "seeds", "workers", "device", "test_batch", "score_thr", "log_every")}
+    return json.loads(json.dumps({"config": name, "task": task, "seed": seed, "seg": d, "train_file": ann_file.name,
+                                  "train_file_bytes": ann_file.stat().st_size}))
+
+
+def train(name: str, task: str, converted: str | Path, work: str | Path, sc: SegConfig, seed: int = 0) -> dict[str, Any]:
+    """Train (or resume, or reuse) one run; return its `done.json` record (weights path, sha256, ...)."""
+    out = run_dir(work, name, task, seed)
+    ann = annotation_file(converted, task, "train")
+    ident = _identity(name, task, seed, sc, ann)
+    started = out / "run_identity.json"
+    if started.exists() and fileio.read_json(started) != ident:
+        raise PinppError(f"{out}: holds a run with another configuration ({started}); delete the folder or choose another work dir")
+    done = out / "done.json"
+    if done.exists():
+        return fileio.read_json(done)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = 0
+    if world > 1:  # under torchrun: the process group first (mmengine's own init assumes a GPU per process)
+        from .training import setup_distributed
+        rank, world, _ = setup_distributed()
+    cfg = build_config(name, task, converted, out, sc, seed, world)
+    check_pretrained(cfg)
+    if rank == 0:
+        fileio.write_json(started, ident, indent=1)
+        fileio.write_text(out / "config.py", cfg.pretty_text)
+    allow_mmengine_checkpoints()
+    from mmengine.runner import Runner
+    t0 = time.time()
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    result: dict[str, Any] = {}
+    if rank == 0:
+        last = Path((out / "last_checkpoint").read_text().strip())
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        meta = {"config": name, "task": task, "seed": seed, "iters": sc.iters, "classes": [c["name"] for c in categories(ann)],
+                "cat_ids": [c["id"] for c in categories(ann)], "train_file": str(ann), "train_seconds": round(time.time() - t0, 1),
+                "processes": world, "identity": ident}
+        w = checkpoint.save_weights(out / "weights", state["state_dict"], meta)
+        result = {**meta, "weights": w.name, "sha256": fileio.sha256_file(w), "out": str(out)}
+        fileio.write_json(done, result, indent=1)
+        for ck in out.glob("iter_*.pth"):  # resume points are moot once the weights exist
+            ck.unlink()
+        (out / "last_checkpoint").unlink(missing_ok=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return result if rank == 0 else fileio.read_json(done)
+
+
+def load_model(run: str | Path | dict, device: str = "cpu"):
+    """The trained model of a finished run (eval mode) and its config; the weights' sha256 is checked."""
+    out = Path(run["out"]) if isinstance(run, dict) else Path(run)
+    info = fileio.read_json(out / "done.json", "finished segmentation run", "train it first (`pinpp seg-train`)")
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+    from . import seg_models  # noqa: F401  (registers the kit's modules)
+    init_default_scope("mmdet")
+    cfg = Config.fromfile(str(out / "config.py"))
+    _set_pretrained(cfg.model, False)  # the weights come from the run, not from ImageNet
+    model = MODELS.build(cfg.model)
+    state = checkpoint.load(out / info["weights"], info["sha256"])
+    model.load_state_dict(state)
+    model.cfg = cfg
+    return model.to(device).eval(), info
+
+
+def run_all(names: tuple[str, ...], tasks: tuple[str, ...], converted: str | Path, work: str | Path, sc: SegConfig,
+            seeds: tuple[int, ...] = (0,)) -> dict[tuple[str, str, int], dict]:
+    """Train every (config, task, seed) not finished yet; (name, task, seed) → done record."""
+    from tqdm.auto import tqdm
+    jobs = [(n, t, s) for t in tasks for n in names for s in seeds]
+    return {j: train(j[0], j[1], converted, work, sc, j[2]) for j in tqdm(jobs, desc="segmentation runs")}

@@ -1,0 +1,335 @@
+"""Segmentation benchmark and pseudo labels (notebooks 02-04): the federated loss, the Category Filter,
+pseudo-label composition, COCO evaluation, and a real 1-iteration train + eval of every config."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from mmengine.structures import InstanceData
+
+from pinpp_lib import masks, pseudo_labels, seg_eval, segmentation
+from pinpp_lib import seg_models  # noqa: F401  (registers the kit's mmdet modules)
+from pinpp_lib.fileio import PinppError
+
+ROOT = Path(__file__).resolve().parents[1]
+# The smoke profile's shape of model, made smaller still: 1-2 iterations, 64 px.
+TINY = segmentation.SegConfig(iters=1, image_size=64, batch_size=2, width=0.125, vit_depth=2, pretrained=False,
+                              num_fed_classes=5, workers=0, ckpt_every=1, log_every=1, warmup_iters=1, test_batch=4,
+                              device="cpu")
+
+
+# ---------------------------------------------------------------- federated loss
+
+def test_federated_classes_cover_the_batch_and_sample_by_frequency():
+    torch.manual_seed(0)
+    labels = torch.tensor([2, 2, 7, 10, 10])  # 10 = background for K = 10
+    weight = torch.ones(10)
+    weight[5] = 0  # a class never seen in training is never drawn as a negative
+    for _ in range(50):
+        fed = seg_models.federated_classes(labels, 10, 6, weight).tolist()
+        assert {2, 7} <= set(fed) and 10 not in fed and 5 not in fed
+        assert len(fed) == 6 == len(set(fed))
+    many = torch.arange(8)
+    assert set(seg_models.federated_classes(many, 10, 4, weight).tolist()) == set(range(8))  # all gt kept
+
+
+def test_federated_loss_is_bce_over_the_federated_classes_only():
+    torch.manual_seed(1)
+    loss = seg_models.FederatedLoss(num_classes=6, num_fed_classes=3)
+    logits = torch.randn(5, 6, requires_grad=True)
+    labels = torch.tensor([1, 6, 4, 6, 1])
+    torch.manual_seed(7)
+    value = loss(logits, labels, torch.ones(5), avg_factor=5.0)
+    torch.manual_seed(7)
+    fed = seg_models.federated_classes(labels, 6, 3, torch.ones(6))
+    target = torch.zeros(5, 6)
+    target[[0, 2, 4], [1, 4, 1]] = 1
+    by_hand = F.binary_cross_entropy_with_logits(logits[:, fed], target[:, fed], reduction="sum") / 5
+    assert torch.allclose(value, by_hand)
+    value.backward()
+    outside = [c for c in range(6) if c not in fed.tolist()]
+    assert (logits.grad[:, outside] == 0).all() and (logits.grad[:, fed] != 0).any()
+    # with every class federated it is the plain sigmoid cross-entropy of a background-free classifier
+    full = seg_models.FederatedLoss(num_classes=6, num_fed_classes=50)
+    assert torch.allclose(full(logits, labels, avg_factor=5.0),
+                          F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / 5)
+
+
+def test_federated_loss_reads_class_frequencies_and_is_an_mmdet_loss(tmp_path):
+    from mmdet.registry import MODELS
+    coco = {"images": [{"id": i} for i in (1, 2, 3)], "categories": [{"id": 9, "name": "b"}, {"id": 4, "name": "a"}],
+            "annotations": [{"image_id": 1, "category_id": 4}, {"image_id": 1, "category_id": 4},
+                            {"image_id": 2, "category_id": 4}, {"image_id": 3, "category_id": 9}]}
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    assert seg_models.class_image_counts(str(tmp_path / "c.json"), 2).tolist() == [2.0, 1.0]  # id order: 4, then 9
+    loss = MODELS.build(dict(type="FederatedLoss", num_classes=2, ann_file=str(tmp_path / "c.json"), freq_power=0.5))
+    assert torch.allclose(loss.fed_weight, torch.tensor([2.0, 1.0]).sqrt())
+    assert loss.get_cls_channels(2) == 2 and loss.get_activation(torch.zeros(3, 2)).shape == (3, 3)
+    with pytest.raises(PinppError, match="2 categories but the model has 3"):
+        seg_models.class_image_counts(str(tmp_path / "c.json"), 3)
+
+
+# ---------------------------------------------------------------- Category Filter
+
+def test_filter_logits_zeroes_other_classes_and_keeps_one_label():
+    z = torch.tensor([[3.0, 1.0, 2.0, 0.5], [0.0, 4.0, 1.0, 0.0]])
+    cf = seg_models.filter_logits(z, 4, [0, 2], single=False)
+    assert torch.isinf(cf[:, [1, 3]]).all() and torch.equal(cf[:, [0, 2]], z[:, [0, 2]])
+    one = seg_models.filter_logits(z, 4, [0, 2], single=True)
+    assert torch.isfinite(one).sum(1).tolist() == [1, 1] and one[1].argmax() == 2  # best allowed, not best overall
+    assert torch.equal(seg_models.filter_logits(z, 4, None, False), z)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(converted, tmp_path_factory):
+    """A real Mask R-CNN R50-FPN (1/8 width) trained 2 iterations on the synthetic parts file."""
+    work = tmp_path_factory.mktemp("seg")
+    return segmentation.train("mask_rcnn_r50_fpn", "parts", converted, work, dataclasses.replace(TINY, iters=2), 0)
+
+
+def test_category_filter_never_emits_a_part_of_another_class(tiny_run, converted):
+    """Untrained enough that every class scores alike: without CF many classes' parts come out, with CF only the image's."""
+    model, _ = segmentation.load_model(tiny_run)
+    model.roi_head.test_cfg["score_thr"] = 0.0
+    allowed = pseudo_labels.allowed_labels(tiny_run["classes"])
+    items = seg_eval.benchmark_items(converted / "seg_benchmark" / "parts_val.json", converted / "train" / "img")
+    for it in items:
+        it["allowed_labels"] = allowed[it["file_name"].split("/")[0]]
+    variants = {"plain": {"cf": False}, "cf": {"cf": True}, "cf1": {"cf": True, "single_label": True}}
+    foreign_without_cf = 0
+    for it, preds, err in seg_eval.infer(model, items, 4, variants):
+        assert err is None
+        ok = set(it["allowed_labels"])
+        foreign_without_cf += sum(lab not in ok for lab in preds["plain"].labels.tolist())
+        assert set(preds["cf"].labels.tolist()) <= ok and set(preds["cf1"].labels.tolist()) <= ok
+        assert len(preds["cf"]) > 0
+    assert foreign_without_cf > 0  # the filter is what removes them
+
+
+# ---------------------------------------------------------------- pseudo-label PNGs
+
+def _pred(masks_: list[np.ndarray], labels: list[int], scores: list[float]) -> InstanceData:
+    p = InstanceData()
+    p.masks = torch.tensor(np.stack(masks_)).bool()
+    p.labels = torch.tensor(labels)
+    p.scores = torch.tensor(scores)
+    p.bboxes = torch.zeros(len(labels), 4)
+    return p
+
+
+def test_compose_follows_the_converter_overlap_rule(tmp_path):
+    big = np.zeros((8, 8), bool)
+    big[1:7, 1:7] = True
+    small = np.zeros((8, 8), bool)
+    small[2:4, 2:4] = True
+    other = np.zeros((8, 8), bool)
+    other[4:8, 4:8] = True
+    gids = [300, 301, 700]  # model label → global part id (ids above 255 need 16 bits)
+    depth = {300: 0, 301: 1, 700: 0}  # 301 is included in 300 (e.g. nose:head)
+    # the child is painted over its parent even with a lower score; at equal depth the surer detection wins
+    lab = pseudo_labels.compose(_pred([small, big, other], [1, 0, 2], [0.6, 0.9, 0.95]), gids, depth, (8, 8), 0.5)
+    assert lab.dtype == np.uint16
+    assert (lab[2:4, 2:4] == 301).all() and lab[1, 1] == 300 and lab[6, 6] == 700 and lab[0, 0] == 0
+    lab2 = pseudo_labels.compose(_pred([big, other], [0, 2], [0.95, 0.9]), gids, depth, (8, 8), 0.5)
+    assert lab2[5, 5] == 300  # higher score over lower at equal depth
+    lab3 = pseudo_labels.compose(_pred([big, other], [0, 2], [0.95, 0.4]), gids, depth, (8, 8), 0.5)
+    assert 700 not in lab3  # under the threshold: dropped
+    masks.write_label_png(tmp_path / "x.png", lab)
+    assert np.array_equal(masks.read_label_png(tmp_path / "x.png", max_id=700), lab.astype(np.int64))
+
+
+def test_pseudo_labels_are_written_resumably_and_feed_mpm_training(tiny_run, converted, tmp_path):
+    conv = tmp_path / "conv"
+    shutil.copytree(converted, conv, symlinks=True)
+    unlabelled = pseudo_labels.unlabelled_images(conv)[2]
+    broken = conv / "train" / "img" / unlabelled[0][0]
+    real = broken.parent.resolve()  # class folders are symlinks into the shared fixture: copy this one first
+    broken.parent.unlink()
+    shutil.copytree(real, broken.parent)
+    broken.write_bytes(b"\xff\xd8\xff not a jpeg")  # a truncated JPEG
+    pc = pseudo_labels.PseudoConfig(score_thr=0.0, batch_size=4)
+    summary, recs = pseudo_labels.pseudo_label(tiny_run, conv, TINY, pc)
+    assert summary["skipped (unreadable)"] == 1 and broken.name in (conv / "train" / "pseudo_report.txt").read_text()
+    assert summary["labelled now"] == len(unlabelled) - 1 and summary["images/s"] > 0
+    assert set(recs.variant) == {"cf", "nocf"} and (recs[recs.variant == "cf"]["parts of another class"] == 0).all()
+    parts = json.loads((conv / "parts.json").read_text())
+    wnid_of = {p["id"]: p["wnid"] for p in parts}
+    for rel, _ in unlabelled[1:6]:
+        lab = masks.read_label_png(masks.seg_path_for(conv / "train" / "seg_pseudo_cf", rel))
+        assert {wnid_of[i] for i in np.unique(lab) if i} <= {rel.split("/")[0]}
+    real_png = next((conv / "train" / "seg").glob("*/*.png"))
+    linked = conv / "train" / "seg_pseudo_cf" / real_png.parent.name / real_png.name
+    assert np.array_equal(masks.read_label_png(linked), masks.read_label_png(real_png))
+    flags = dict(line.split() for f in (conv / "train" / "whether_pseudo").glob("*.txt") for line in f.read_text().splitlines())
+    assert flags[unlabelled[1][0]] == "1" and flags[f"{real_png.parent.name}/{real_png.stem}.JPEG"] == "0"
+    assert unlabelled[0][0] not in flags
+    again, recs2 = pseudo_labels.pseudo_label(tiny_run, conv, TINY, pc)  # resumed: only the unreadable one is tried
+    assert again["labelled now"] == 0 and again["labelled before (resumed)"] == len(unlabelled) - 1 and recs2.empty
+    with pytest.raises(PinppError, match="another model or threshold"):
+        pseudo_labels.pseudo_label(tiny_run, conv, TINY, dataclasses.replace(pc, score_thr=0.7))
+    from pinpp_lib.datasets import PartSegDataset
+    ds = PartSegDataset(conv, seg_dir="seg_pseudo_cf")
+    assert sum(ds.has_seg) == sum(PartSegDataset(conv).has_seg) + len(unlabelled) - 1
+
+
+# ---------------------------------------------------------------- evaluation
+
+def test_coco_evaluate_scores_perfect_and_empty_detections(converted):
+    gt_file = converted / "seg_benchmark" / "parts_test.json"
+    gt = json.loads(gt_file.read_text())
+    perfect = []
+    for a in gt["annotations"]:
+        h, w = next((im["height"], im["width"]) for im in gt["images"] if im["id"] == a["image_id"])
+        perfect.append({"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
+                        "segmentation": masks.encode_rle(masks.rasterise(a["segmentation"], h, w))})
+    summary, per = seg_eval.coco_evaluate(gt_file, perfect, "segm")
+    assert summary["AP"] == pytest.approx(100) and summary["AP50"] == pytest.approx(100)
+    with_gt = per[per.n_gt > 0]
+    assert np.allclose(with_gt.AP, 100) and per[per.n_gt == 0].AP.isna().all()
+    half = [d for d in perfect if d["category_id"] != with_gt.category_id.iloc[0]]
+    s_half, per_half = seg_eval.coco_evaluate(gt_file, half, "bbox")
+    assert per_half.set_index("category_id").AP[with_gt.category_id.iloc[0]] == 0 and s_half["AP"] < 100
+    empty, per0 = seg_eval.coco_evaluate(gt_file, [], "segm")
+    assert empty["AP"] == 0 and (per0[per0.n_gt > 0].AP == 0).all()
+
+
+def test_table10_reports_the_delta_and_its_spread_over_seeds():
+    rows = []
+    for seed, (obj, both) in enumerate(((10.0, 13.0), (12.0, 13.0))):
+        for task, v in (("objects", obj), ("objects+parts", both)):
+            rows.append({"model": "M", "seed": seed, "trained on": task, "mask AP": v, "mask AP50": v * 2,
+                         "box AP": v + 1, "box AP50": v})
+    t = seg_eval.table10(pd.DataFrame(rows)).iloc[0]
+    assert t["Δ mask AP"] == pytest.approx(2.0) and t["Δ mask AP sd"] == pytest.approx(np.std([3, 1], ddof=1))
+    assert t["mask AP object-only"] == pytest.approx(11.0) and t["seeds"] == 2
+    one = seg_eval.table10(pd.DataFrame([r for r in rows if r["seed"] == 0])).iloc[0]
+    assert np.isnan(one["Δ mask AP sd"]) and one["Δ box AP"] == pytest.approx(3.0)
+
+
+# ---------------------------------------------------------------- configs: build, train 1 iteration, evaluate
+
+def test_configs_are_one_base_and_small_deltas():
+    base = segmentation.config_path("mask_rcnn_r50_fpn")
+    for name in segmentation.CONFIGS:
+        text = segmentation.config_path(name).read_text()
+        assert name == "mask_rcnn_r50_fpn" or "_base_" in text
+        assert len(text.splitlines()) < (130 if name == "mask_rcnn_r50_fpn" else 40), name
+    assert "FederatedLoss" in base.read_text() and "ClassBalancedDataset" in base.read_text()
+
+
+def test_smoke_and_full_configs_differ_in_sizes_only(converted, tmp_path):
+    full = segmentation.build_config("cascade_mask_rcnn_r50_fpn", "parts", converted, tmp_path, segmentation.SegConfig())
+    small = segmentation.build_config("cascade_mask_rcnn_r50_fpn", "parts", converted, tmp_path, TINY)
+
+    def shape(node):  # the tree of keys, with module types; numbers and the ImageNet init left out
+        if isinstance(node, dict):
+            return {k: shape(v) for k, v in node.items() if k not in ("init_cfg", "base_channels")}
+        if isinstance(node, (list, tuple)):
+            return [shape(v) for v in node]
+        return node if isinstance(node, str) else type(node).__name__
+    assert shape(full.model) == shape(small.model)
+    n_parts = len(json.loads((converted / "parts.json").read_text()))
+    assert all(h.num_classes == n_parts for h in small.model.roi_head.bbox_head) and full.train_cfg.max_iters == 62500
+    assert full.param_scheduler[1].milestones == [31250, 46875] and full.optim_wrapper.optimizer.lr == 0.03
+    assert full.model.backbone.init_cfg.checkpoint == "torchvision://resnet50" and full.model.backbone.norm_eval
+    assert small.model.backbone.frozen_stages == -1 and not small.model.backbone.norm_eval  # from scratch: train it all
+    lsj = full.train_dataloader.dataset.dataset.pipeline[2]
+    assert lsj.ratio_range == (0.1, 2.0) and lsj.scale == (1024, 1024)
+
+
+def test_missing_pretrained_weights_fail_with_the_file_to_fetch(converted, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    cfg = segmentation.build_config("mask_rcnn_r101_fpn", "parts", converted, tmp_path, segmentation.SegConfig())
+    with pytest.raises(PinppError, match=r"resnet101-.*\.pth: ImageNet weights .* seg.pretrained=False"):
+        segmentation.check_pretrained(cfg)
+
+
+@pytest.mark.parametrize("name", list(segmentation.CONFIGS))
+def test_every_config_trains_one_iteration_and_evaluates(name, converted, tmp_path):
+    task = "objects+parts" if "cascade" in name else "parts"
+    run = segmentation.train(name, task, converted, tmp_path, TINY, 0)
+    assert run["iters"] == 1 and run["sha256"].startswith(run["weights"].split("_")[1][:12])
+    assert not list(Path(run["out"]).glob("iter_*.pth"))  # resume points removed once the weights exist
+    rows, per = seg_eval.evaluate_run(run, converted, "test", "objects" if task == "objects+parts" else "parts", TINY)
+    for m in seg_eval.METRICS:
+        assert 0 <= rows[0][m] <= 100
+    assert set(per.metric) == {"mask", "box"} and per.category.str.contains(":").sum() == (0 if task != "parts" else len(per))
+    assert segmentation.train(name, task, converted, tmp_path, TINY, 0) == run  # finished: reused, not retrained
+    with pytest.raises(PinppError, match="another configuration"):
+        segmentation.train(name, task, converted, tmp_path, dataclasses.replace(TINY, lr=0.1), 0)
+
+
+def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pinpp_lib", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, **(env or {})}, **kw)
+
+
+def _tiny_sets(**extra) -> list[str]:
+    fields = {**{f.name: getattr(TINY, f.name) for f in dataclasses.fields(TINY) if f.name not in ("models", "object_models", "seeds", "lr_steps")},
+              **extra}
+    return [a for k, v in fields.items() for a in ("--set", f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}")]
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(smoke_data_root):
+    """kill -9 mid-run, then the same command: mmengine resumes (weights-only load of its checkpoint)."""
+    root, work = smoke_data_root
+    args = ["seg-train", "--data-root", str(root), "--work", str(work), "--model", "mask_rcnn_r50_fpn", *_tiny_sets(iters=12, ckpt_every=2)]
+    p = _cli(*args)
+    run = work / "parts" / "mask_rcnn_r50_fpn_seed0"
+    t0 = time.time()
+    while not (run / "iter_4.pth").exists():
+        assert p.poll() is None, p.stdout.read()
+        assert time.time() - t0 < 300
+        time.sleep(0.2)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (run / "done.json").exists()
+    q = _cli(*args)
+    out = q.communicate(timeout=600)[0]
+    assert q.returncode == 0, out
+    assert "resumed" in out.lower() and "Iter(train) [ 2/12]" not in out  # continued, not restarted
+    assert json.loads((run / "done.json").read_text())["iters"] == 12
+
+
+def test_two_process_training_under_torchrun_on_cpu(smoke_data_root):
+    """The mmengine `pytorch` launcher under torchrun: 2 gloo processes, batch split between them."""
+    root, work = smoke_data_root
+    env = {"OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541", "-m", "pinpp_lib", "seg-train",
+                        "--data-root", str(root), "--work", str(work), "--model", "mask_rcnn_r50_fpn", "--task", "objects",
+                        *_tiny_sets(iters=2)], capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    done = json.loads((work / "objects" / "mask_rcnn_r50_fpn_seed0" / "done.json").read_text())
+    assert done["processes"] == 2 and done["iters"] == 2
+
+
+@pytest.fixture(scope="module")
+def smoke_data_root(converted, tmp_path_factory):
+    """A data root whose `converted/` is the shared synthetic conversion (for CLI tests)."""
+    root = tmp_path_factory.mktemp("root")
+    (root / "converted").symlink_to(converted)
+    return root, root / "runs"
+
+
+def test_pseudo_label_shards_split_the_work(tiny_run, converted, tmp_path):
+    conv = tmp_path / "conv"
+    shutil.copytree(converted, conv, symlinks=True)
+    pc = pseudo_labels.PseudoConfig(score_thr=0.0, batch_size=4)
+    a, _ = pseudo_labels.pseudo_label(tiny_run, conv, TINY, pc, limit=6, shard=(0, 2))
+    assert a["labelled now"] == 3 and a["still without a label"] == 3
+    b, _ = pseudo_labels.pseudo_label(tiny_run, conv, TINY, pc, limit=6, shard=(1, 2))
+    assert b["labelled now"] == 3 and b["still without a label"] == 0
+    flags = [line.split()[1] for f in (conv / "train" / "whether_pseudo").glob("*.txt") for line in f.read_text().splitlines()]
+    assert flags.count("1") == 6
