@@ -67,7 +67,7 @@ def load(path: str | os.PathLike, sha256: str | None = None) -> dict[str, Any]:
     if not path.exists():
         raise PinppError(f"{path}: checkpoint not found; check the path or re-run training")
     digest = fileio.sha256_file(path)
-    expected = sha256 or (path.stem.rsplit("_", 1)[-1] if path.stem.startswith(("ckpt_", "ema_")) else None)
+    expected = sha256 or _recorded_sha256(path)
     if expected and not digest.startswith(expected):
         raise PinppError(f"{path}: sha256 {digest[:12]} does not match {expected[:12]}; the file is corrupt or "
                          "was replaced — delete it and resume from an earlier checkpoint")
@@ -75,6 +75,31 @@ def load(path: str | os.PathLike, sha256: str | None = None) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors have many types; all mean an unusable file here
         raise PinppError(f"{path}: not a loadable weights-only checkpoint ({type(e).__name__}); re-run training") from None
+
+
+def _recorded_sha256(path: Path) -> str | None:
+    """The sha256 the kit recorded for a weights file: in its name (ckpt_/ema_…_<sha12>.pt) or in the JSON
+    sidecar written with it (`save_weights`: <stem>.json beside <stem>_<sha12>.pt; `write_with_sidecar`:
+    <name>.json). A file the kit did not write (a user's init weights) has none and loads unchecked."""
+    if path.stem.startswith(("ckpt_", "ema_")):
+        return path.stem.rsplit("_", 1)[-1]
+    for side in (path.with_suffix(".json"), path.with_name(path.stem.rsplit("_", 1)[0] + ".json")):
+        if side.is_file():
+            info = fileio.read_json(side, "weights sidecar", "delete it and the weights file, then re-run")
+            if isinstance(info, dict) and info.get("weights") == path.name and info.get("sha256"):
+                return str(info["sha256"])
+    return None
+
+
+def write_with_sidecar(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Save weights under a fixed name (so configs can point at it) plus `<name>.json` with its sha256,
+    which `load` then verifies. The sidecar is written last: a file without one is unfinished."""
+    path = Path(path)
+    with fileio.atomic_path(path) as tmp:
+        torch.save(state_dict, tmp)
+    fileio.write_json(path.with_suffix(".json"), {**meta, "weights": path.name, "sha256": fileio.sha256_file(path)},
+                      indent=1)
+    return path
 
 
 def latest(out_dir: str | os.PathLike) -> dict[str, Any] | None:

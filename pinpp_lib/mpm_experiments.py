@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import fileio, models, robust_eval
+from . import checkpoint, fileio, models, robust_eval
 from .datasets import TransformConfig, eval_transform, val_dataset
 from .robust_eval import EvalConfig
 from .training import TrainConfig, load_trained, train
@@ -84,12 +84,12 @@ def run_training(runs: dict[str, TrainConfig], cfg: ExperimentConfig, converted:
 
 
 def _backbone_weights(run_dir: Path) -> Path:
-    """The EMA backbone of a finished run as a weights file (written once, then reused)."""
+    """The EMA backbone of a finished run as a weights file (written once, then reused; its sha256 sidecar
+    is checked whenever it is loaded)."""
     path = run_dir / "init_backbone.pt"
-    if not path.exists():
+    if not path.with_suffix(".json").exists():
         model, _ = load_trained(run_dir)
-        with fileio.atomic_path(path) as tmp:
-            torch.save(models.export_deployable(model).state_dict(), tmp)
+        checkpoint.write_with_sidecar(path, models.export_deployable(model).state_dict(), {"from_run": run_dir.name})
     return path
 
 
