@@ -78,28 +78,17 @@ def load(path: str | os.PathLike, sha256: str | None = None) -> dict[str, Any]:
 
 
 def _recorded_sha256(path: Path) -> str | None:
-    """The sha256 the kit recorded for a weights file: in its name (ckpt_/ema_…_<sha12>.pt) or in the JSON
-    sidecar written with it (`save_weights`: <stem>.json beside <stem>_<sha12>.pt; `write_with_sidecar`:
-    <name>.json). A file the kit did not write (a user's init weights) has none and loads unchecked."""
+    """The sha256 the kit recorded for a weights file: in its name (ckpt_/ema_…_<sha12>.pt) or in the
+    `save_weights` sidecar (<stem>.json beside <stem>_<sha12>.pt). A file the kit did not write (a user's
+    init weights) has none and loads unchecked."""
     if path.stem.startswith(("ckpt_", "ema_")):
         return path.stem.rsplit("_", 1)[-1]
-    for side in (path.with_suffix(".json"), path.with_name(path.stem.rsplit("_", 1)[0] + ".json")):
-        if side.is_file():
-            info = fileio.read_json(side, "weights sidecar", "delete it and the weights file, then re-run")
-            if isinstance(info, dict) and info.get("weights") == path.name and info.get("sha256"):
-                return str(info["sha256"])
+    side = path.with_name(path.stem.rsplit("_", 1)[0] + ".json")
+    if side.is_file():
+        info = fileio.read_json(side, "weights sidecar", "delete it and the weights file, then re-run")
+        if isinstance(info, dict) and info.get("weights") == path.name and info.get("sha256"):
+            return str(info["sha256"])
     return None
-
-
-def write_with_sidecar(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Save weights under a fixed name (so configs can point at it) plus `<name>.json` with its sha256,
-    which `load` then verifies. The sidecar is written last: a file without one is unfinished."""
-    path = Path(path)
-    with fileio.atomic_path(path) as tmp:
-        torch.save(state_dict, tmp)
-    fileio.write_json(path.with_suffix(".json"), {**meta, "weights": path.name, "sha256": fileio.sha256_file(path)},
-                      indent=1)
-    return path
 
 
 def latest(out_dir: str | os.PathLike) -> dict[str, Any] | None:

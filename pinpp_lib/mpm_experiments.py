@@ -84,13 +84,14 @@ def run_training(runs: dict[str, TrainConfig], cfg: ExperimentConfig, converted:
 
 
 def _backbone_weights(run_dir: Path) -> Path:
-    """The EMA backbone of a finished run as a weights file (written once, then reused; its sha256 sidecar
-    is checked whenever it is loaded)."""
-    path = run_dir / "init_backbone.pt"
-    if not path.with_suffix(".json").exists():
+    """The EMA backbone of a finished run as a weights file (written once, then reused), named by its
+    sha256 so that the AT runs' configs, which hold the path, change when the clean run does; `load`
+    checks the hash against the sidecar."""
+    side = run_dir / "init_backbone.json"
+    if not side.exists():
         model, _ = load_trained(run_dir)
-        checkpoint.write_with_sidecar(path, models.export_deployable(model).state_dict(), {"from_run": run_dir.name})
-    return path
+        checkpoint.save_weights(run_dir / "init_backbone", models.export_deployable(model).state_dict(), {"from_run": run_dir.name})
+    return run_dir / fileio.read_json(side, "init weights record", "delete it to rewrite the init weights")["weights"]
 
 
 def eval_images(converted: str | Path, tcfg: TransformConfig, start: int = 0,

@@ -147,13 +147,13 @@ def test_train_writes_weights_only_checkpoints(converted, tmp_path, monkeypatch)
 
 def test_weights_files_are_checked_against_their_recorded_sha256(tmp_path):
     sd = {"w": torch.arange(4.0)}
-    fixed = checkpoint.write_with_sidecar(tmp_path / "init_backbone.pt", sd, {"from_run": "clean"})
-    hashed = checkpoint.save_weights(tmp_path / "final", sd, {"stage": "x"})
+    hashed = checkpoint.save_weights(tmp_path / "init_backbone", sd, {"from_run": "clean"})
+    ckpt = checkpoint.save(tmp_path / "c", sd, 3)
     foreign = tmp_path / "user_weights.pt"
     torch.save(sd, foreign)
-    for f in (fixed, hashed, foreign):
+    for f in (hashed, ckpt, foreign):
         assert torch.equal(checkpoint.load(f)["w"], sd["w"])
-    for f in (fixed, hashed):  # same size, other bytes: only the recorded hash can tell
+    for f in (hashed, ckpt):  # same size, other bytes: only the recorded hash can tell
         torch.save({"w": torch.arange(4.0) + 1}, f)
         with pytest.raises(PinppError, match="does not match"):
             checkpoint.load(f)
