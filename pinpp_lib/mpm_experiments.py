@@ -24,13 +24,14 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, fileio, models, robust_eval
 from .datasets import TransformConfig, eval_transform, val_dataset
+from .pseudo_labels import SEG_DIRS
 from .robust_eval import EvalConfig
 from .training import TrainConfig, load_trained, train
 
 TABLE7_VARIANTS = ("twostage", "mpm_sv1", "mpm_sv2", "mpm", "mpm_sv3_notd")
 VARIANT_NAMES = {"plain": "vanilla", "twostage": "two-stage", "mpm_sv1": "SV1", "mpm_sv2": "SV2 w/ TD",
                  "mpm": "SV3 w/ TD (MPM)", "mpm_sv3_notd": "SV3 w/o TD"}
-PSEUDO_SEG_DIRS = {"real labels only": "seg", "+ pseudo w/o CF": "seg_pseudo_nocf", "+ pseudo w/ CF": "seg_pseudo_cf"}
+PSEUDO_SEG_DIRS = {"real labels only": "seg", "+ pseudo w/o CF": SEG_DIRS["nocf"], "+ pseudo w/ CF": SEG_DIRS["cf"]}
 
 
 @dataclass

@@ -32,6 +32,7 @@ from .datasets import list_image_folder
 
 VARIANTS = {"nocf": {"cf": False, "single_label": True}, "cf": {"cf": True, "single_label": True}}
 TABLE6_NAMES = {"nocf": "pseudo labels w/o CF", "cf": "pseudo labels w/ CF"}
+SEG_DIRS = {v: f"seg_pseudo_{v}" for v in VARIANTS}  # label folders under <converted>/train (TrainConfig.seg_dir)
 
 
 @dataclass
@@ -101,7 +102,7 @@ def pseudo_label(run: dict, converted: str | Path, sc: segmentation.SegConfig, p
     work; a last run without a shard then finds nothing pending and writes `whether_pseudo` for all.
     """
     conv = Path(converted)
-    dirs = {v: conv / "train" / f"seg_pseudo_{v}" for v in VARIANTS}
+    dirs = {v: conv / "train" / d for v, d in SEG_DIRS.items()}
     manifest = conv / "train" / "seg_pseudo_manifest.json"
     want = {"weights_sha256": run["sha256"], "score_thr": pc.score_thr, "det_score_thr": pc.det_score_thr,
             "variants": VARIANTS}
@@ -115,13 +116,13 @@ def pseudo_label(run: dict, converted: str | Path, sc: segmentation.SegConfig, p
     depth = {p["id"]: p["depth"] for p in parts}
     wnid_of = {p["id"]: p["wnid"] for p in parts}
     allowed = allowed_labels(run["classes"])
-    classes, samples, todo = unlabelled_images(conv)
-    todo = todo[:limit] if limit is not None else todo
+    classes, samples, unlabelled = unlabelled_images(conv)
+    todo = unlabelled[:limit] if limit is not None else unlabelled
     k, n = shard
     pending = [(rel, y) for i, (rel, y) in enumerate(todo)
                if i % n == k and not all(masks.seg_path_for(d, rel).exists() for d in dirs.values())]
-    items = [{"img_path": conv / "train" / "img" / rel, "img_id": k, "file_name": rel,
-              "allowed_labels": allowed.get(classes[y], [])} for k, (rel, y) in enumerate(pending)]
+    items = [{"img_path": conv / "train" / "img" / rel, "img_id": i, "file_name": rel,
+              "allowed_labels": allowed.get(classes[y], [])} for i, (rel, y) in enumerate(pending)]
 
     model, _ = segmentation.load_model(run, sc.device)
     model.roi_head.test_cfg["score_thr"] = pc.det_score_thr
@@ -143,7 +144,7 @@ def pseudo_label(run: dict, converted: str | Path, sc: segmentation.SegConfig, p
                             "parts of another class": sum(wnid_of[i] != wnid for i in ids)})
     seconds = time.time() - t0
     done = [rel for rel, _ in todo if all(masks.seg_path_for(d, rel).exists() for d in dirs.values())]
-    _write_whether_pseudo(conv, samples, classes, set(done))
+    _write_whether_pseudo(conv, samples, classes, {rel for rel, _ in unlabelled}, set(done))
     fileio.write_text(conv / "train" / "pseudo_report.txt",
                       "".join(s + "\n" for s in skipped) or "no unreadable images\n")
     summary = {"real labels": n_real, "unlabelled images": len(todo), "labelled now": len(pending) - len(skipped),
@@ -159,11 +160,13 @@ def _image_shape(path: Path) -> tuple[int, int]:
         return im.height, im.width
 
 
-def _write_whether_pseudo(conv: Path, samples: list[tuple[str, int]], classes: list[str], pseudo: set[str]) -> None:
-    """whether_pseudo/<wnid>.txt over every labelled training image: 0 = real mask, 1 = pseudo mask."""
+def _write_whether_pseudo(conv: Path, samples: list[tuple[str, int]], classes: list[str], unlabelled: set[str],
+                          pseudo: set[str]) -> None:
+    """whether_pseudo/<wnid>.txt over every labelled training image: 0 = real mask, 1 = pseudo mask.
+    `unlabelled`: the images without a real mask (`unlabelled_images` looked once; no second pass over the disk)."""
     lines: dict[str, list[str]] = {w: [] for w in classes}
     for rel, y in samples:
-        if masks.seg_path_for(conv / "train" / "seg", rel).exists():
+        if rel not in unlabelled:
             lines[classes[y]].append(f"{rel} 0\n")
         elif rel in pseudo:
             lines[classes[y]].append(f"{rel} 1\n")
@@ -194,7 +197,7 @@ def plot_pseudo(converted: str | Path, records: pd.DataFrame, path: str | Path, 
         axes[0, col].imshow(img)
         axes[0, col].set_title(rel.split("/")[0], fontsize=8)
         for row, v in ((1, "nocf"), (2, "cf")):
-            lab = masks.read_label_png(masks.seg_path_for(conv / "train" / f"seg_pseudo_{v}", rel))
+            lab = masks.read_label_png(masks.seg_path_for(conv / "train" / SEG_DIRS[v], rel))
             axes[row, col].imshow(seg_eval.overlay(img, [(lab == i, int(i)) for i in np.unique(lab) if i]))
             axes[row, col].set_title(f"{TABLE6_NAMES[v].split(' ', 2)[2]}: {int(piv.loc[rel, v])} foreign", fontsize=8)
         for ax in axes[:, col]:

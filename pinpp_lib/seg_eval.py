@@ -29,6 +29,7 @@ from . import fileio, segmentation
 from .segmentation import CONFIGS
 
 IOU_TYPES = {"segm": "mask", "bbox": "box"}
+PLAIN = {"plain": {"cf": False, "single_label": False}}  # the default variant: no Category Filter, all labels per RoI
 
 
 def _test_pipeline(cfg):
@@ -57,7 +58,7 @@ def infer(model, items: list[dict], batch_size: int, variants: dict[str, dict] |
     An image that cannot be read yields (item, None, reason) and the rest go on.
     """
     from mmengine.dataset import pseudo_collate
-    variants = variants or {"plain": {"cf": False, "single_label": False}}
+    variants = variants or PLAIN
     pipeline = _test_pipeline(model.cfg)
     dev = next(model.parameters()).device
     for start in tqdm(range(0, len(items), batch_size), desc=desc, leave=False):
@@ -144,14 +145,18 @@ def benchmark_items(gt_file: str | Path, img_root: str | Path) -> list[dict]:
             for im in coco["images"]]
 
 
+def detections_path(run: dict, eval_task: str, split: str, variants: dict[str, dict]) -> Path:
+    """Where `detections` caches a run's detections on `<eval_task>_<split>.json` for these variants."""
+    return Path(run["out"]) / f"detections_{eval_task}_{split}_{'_'.join(variants)}.json"
+
+
 def detections(run: dict, converted: str | Path, split: str, eval_task: str, sc: segmentation.SegConfig,
                variants: dict[str, dict] | None = None, allowed: dict[str, list[int]] | None = None) -> dict[str, list[dict]]:
     """Per-detection records of a run on `<eval_task>_<split>.json`, per variant, cached in the run folder
     (keyed by the weights' sha256); category ids are those of the evaluated file, matched by name."""
-    variants = variants or {"plain": {"cf": False, "single_label": False}}
+    variants = variants or PLAIN
     gt_file = segmentation.annotation_file(converted, eval_task, split)
-    tag = f"{eval_task}_{split}_" + "_".join(variants)
-    cache = Path(run["out"]) / f"detections_{tag}.json"
+    cache = detections_path(run, eval_task, split, variants)
     if cache.exists():
         old = fileio.read_json(cache)
         if old.get("sha256") == run["sha256"] and old.get("variants") == variants and old.get("score_thr") == sc.score_thr:
@@ -262,7 +267,7 @@ def plot_predictions(run: dict, converted: str | Path, split: str, path: str | P
     gt_file = segmentation.annotation_file(converted, run["task"], split)
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(gt_file))
-    dets = fileio.read_json(Path(run["out"]) / f"detections_{run['task']}_{split}_plain.json")["detections"]["plain"]
+    dets = fileio.read_json(detections_path(run, run["task"], split, PLAIN))["detections"]["plain"]
     ids = sorted(gt.getImgIds())[:n]
     fig, axes = plt.subplots(2, len(ids), figsize=(2.2 * len(ids), 4.6), squeeze=False)
     for col, iid in enumerate(ids):

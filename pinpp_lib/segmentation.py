@@ -267,11 +267,12 @@ def train(name: str, task: str, converted: str | Path, work: str | Path, sc: Seg
     if rank == 0:
         last = Path((out / "last_checkpoint").read_text().strip())
         state = torch.load(last, map_location="cpu", weights_only=True)
-        meta = {"config": name, "task": task, "seed": seed, "iters": sc.iters, "classes": [c["name"] for c in categories(ann)],
-                "cat_ids": [c["id"] for c in categories(ann)], "train_file": str(ann), "train_seconds": round(time.time() - t0, 1),
+        cats = categories(ann)
+        meta = {"config": name, "task": task, "seed": seed, "iters": sc.iters, "classes": [c["name"] for c in cats],
+                "cat_ids": [c["id"] for c in cats], "train_file": str(ann), "train_seconds": round(time.time() - t0, 1),
                 "processes": world, "identity": ident}
-        w = checkpoint.save_weights(out / "weights", state["state_dict"], meta)
-        result = {**meta, "weights": w.name, "sha256": fileio.sha256_file(w), "out": str(out)}
+        checkpoint.save_weights(out / "weights", state["state_dict"], meta)
+        result = {**fileio.read_json(out / "weights.json"), "out": str(out)}  # meta + weights name + sha256
         fileio.write_json(done, result, indent=1)
         for ck in out.glob("iter_*.pth"):  # resume points are moot once the weights exist
             ck.unlink()
