@@ -89,8 +89,6 @@ def _parse_sets(items: list[str]) -> dict:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from . import mpm_experiments as mx
     from .config import apply_overrides, resolve
     from .training import train
@@ -99,7 +97,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     runs = mx.plan(s.mpm, s.paths.converted)
     if a.run not in runs:
         raise PinppError(f"unknown run {a.run!r}; runs of this profile: {', '.join(runs)}")
-    work = Path(a.work) if a.work else s.paths.data_root / "runs" / "mpm"
+    work = s.paths.work("mpm", a.work)
     tc = apply_overrides(mx.resolve_init(a.run, runs[a.run], s.mpm, work), _parse_sets(a.set), "train config")
     result = train(tc, s.paths.converted, work / a.run, resume=not a.restart)
     _end_distributed()
@@ -172,11 +170,9 @@ def _seg_settings(a: argparse.Namespace):
 
 
 def _cmd_seg_train(a: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from . import segmentation
     s, sc = _seg_settings(a)
-    work = Path(a.work) if a.work else s.paths.data_root / "runs" / "seg"
+    work = s.paths.work("seg", a.work)
     res = segmentation.train(a.model, a.task, s.paths.converted, work, sc, a.seed)
     _end_distributed()
     if res:
@@ -195,17 +191,16 @@ def _cmd_seg_eval(a: argparse.Namespace) -> int:
 
 
 def _cmd_pseudo(a: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from . import pseudo_labels, segmentation
     s, sc = _seg_settings(a)
-    work = Path(a.work) if a.work else s.paths.data_root / "runs" / "seg"
+    work = s.paths.work("seg", a.work)
     run = segmentation.train(sc.pseudo_model, "parts", s.paths.converted, work, sc, s.seg.seeds[0])
     try:
         k, n = (int(v) for v in a.shard.split("/"))
-        assert 0 <= k < n
-    except (ValueError, AssertionError):
-        raise PinppError(f"--shard {a.shard!r}: expected K/N with 0 <= K < N, e.g. 3/8") from None
+    except ValueError:
+        k, n = -1, 0
+    if not 0 <= k < n:  # a real branch: `python -O` strips asserts
+        raise PinppError(f"--shard {a.shard!r}: expected K/N with 0 <= K < N, e.g. 3/8")
     summary, _ = pseudo_labels.pseudo_label(run, s.paths.converted, sc, s.pseudo, a.limit, (k, n))
     print(json.dumps(summary, indent=1))
     return 0

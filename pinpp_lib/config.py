@@ -104,6 +104,11 @@ class Paths:
     results: Path
     synthetic: Path | None = None  # smoke only: the generated tree
 
+    def work(self, job: str, override: str | Path | None = None) -> Path:
+        """Folder of a job's trained runs ("mpm", "seg", "few_shot"): `override`, else <data root>/runs/<job>.
+        Notebooks and CLI jobs that share runs (05 and 06; 02-04) meet there."""
+        return Path(override) if override else self.data_root / "runs" / job
+
 
 @dataclass
 class Settings:
