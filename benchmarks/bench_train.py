@@ -66,7 +66,7 @@ def main() -> None:
     m = torch.randint(0, args.parts + 1, (b, s, s), device=dev)
     w = torch.ones(b, device=dev)
 
-    def step_fn(variant: str, step_size: float):
+    def step_fn(variant: str, step_size: float | None):
         model = models.build(variant, args.arch, args.classes, args.parts + 1).to(dev, memory_format=fmt).train()
         opt = torch.optim.SGD(_param_groups(list(model.named_parameters()), 1e-4), lr=0.01, momentum=0.9)
         return lambda: train_step(model, model, opt, x, m, y, w, cfg, step_size, autocast)
@@ -75,7 +75,7 @@ def main() -> None:
           f"{'bf16 autocast, channels_last' if cuda else 'fp32'}; median of {args.steps} steps")
     t_van = _time(step_fn("plain", 4 / 255), args.steps, dev)
     t_mpm = _time(step_fn("mpm", 4 / 255), args.steps, dev)
-    t_clean = _time(step_fn("plain", 0.0), args.steps, dev)
+    t_clean = _time(step_fn("plain", None), args.steps, dev)
     print(f"vanilla AT step  {t_van * 1e3:8.1f} ms  ({b / t_van:7.1f} img/s)")
     print(f"MPM AT step      {t_mpm * 1e3:8.1f} ms  ({b / t_mpm:7.1f} img/s)")
     print(f"clean step       {t_clean * 1e3:8.1f} ms  ({b / t_clean:7.1f} img/s)")

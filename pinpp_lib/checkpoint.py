@@ -20,22 +20,24 @@ from .fileio import PinppError
 
 
 class EMA:
-    """Exponential moving average of a model's parameters and buffers.
+    """Exponential moving average of a model's parameters and buffers (timm's ModelEmaV2, as the authors use it):
 
-    The decay ramps up as min(decay, (1 + n) / (10 + n)) over the n updates so far (timm's warm-up
-    form), so short runs still average over their recent steps rather than their initialisation.
+        e ← d·e + (1 − d)·m   after every optimiser step, with a constant decay d (0.9998 in the paper).
+
+    `warmup=True` uses timm ModelEma's ramp min(d, (1 + n) / (10 + n)) instead (not the authors' choice;
+    an option for short runs). Integer buffers (BN's batch counter) are copied.
     """
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
-        self.decay, self.updates = decay, 0
+        self.decay, self.warmup, self.updates = decay, warmup, 0
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
         for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
             if e.dtype.is_floating_point:
                 e.mul_(d).add_(m.detach(), alpha=1 - d)

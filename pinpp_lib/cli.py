@@ -94,7 +94,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     from .training import train
     a.run = a.run or a.run_opt
     s = resolve(a.profile, data_root=a.data_root, seed=a.seed)
-    runs = mx.plan(s.mpm, s.paths.converted)
+    runs = mx.plan(s.mpm)
     if a.run not in runs:
         raise PinppError(f"unknown run {a.run!r}; runs of this profile: {', '.join(runs)}")
     work = s.paths.work("mpm", a.work)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import fileio, masks
+from . import fileio, layout, masks
 from .fileio import PinppError
 from .release import ClassAnnotations, Fault, Release, check_image, dump_faults, load_release
 
@@ -90,7 +90,7 @@ def _class_records(args: tuple) -> dict:
         label = np.zeros((h, w), dtype=np.uint16)
         for k in masks.paint_order([depth[a["category_id"]] for a in anns]):
             label[part_masks[k].astype(bool)] = ids[k]
-        masks.write_label_png(masks.seg_path_for(out / "train" / "seg", im["file_name"]), label)
+        masks.write_label_png(masks.seg_path_for(out / "train" / layout.REAL_SEG_DIR, im["file_name"]), label)
         parts = [{"category_id": gid, "segmentation": a["segmentation"],
                   "bbox": a["bbox"] if a["bbox"] is not None else masks.mask_bbox(m),
                   "area": float(m.sum())} for a, gid, m in zip(anns, ids, part_masks)]

@@ -49,11 +49,11 @@ def resnet_gelu(num_classes: int = 1000, layers: tuple[int, ...] = (3, 4, 6, 3),
 
 
 class SeparableConv(nn.Sequential):
-    """Depthwise 3×3 → BN → pointwise 1×1 (the bypass's separable convolution)."""
+    """Depthwise 3×3 → pointwise 1×1, no BN and no bias (the authors' `SeparableConv2d(..., bias=False)`;
+    with it the R50 bypass at 3311 part classes has 4.524M parameters, facts §5b)."""
 
     def __init__(self, cin: int, cout: int):
-        super().__init__(nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=False), nn.BatchNorm2d(cin),
-                         nn.Conv2d(cin, cout, 1))
+        super().__init__(nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=False), nn.Conv2d(cin, cout, 1, bias=False))
 
 
 class PartBypass(nn.Module):
@@ -115,26 +115,30 @@ class MPM(nn.Module):
 
 
 class TwoStage(nn.Module):
-    """Sitawarin-style two-stage model: part segmenter (7²) → softmax → 4×4 pool → small classifier.
+    """Sitawarin-style two-stage model as the authors built it (`TwostagePartModel`, facts §5b):
 
-    The classifier sees only the part masks, so the bypass is not optional here. Training mode
-    returns (logits, [part logits]) like MPM; eval mode returns logits.
+        layer4 → GELU → BN → separable 3×3 (→ K part logits at 7²) → softmax → AdaptiveAvgPool 4×4
+        → Conv 4×4 (K → C/4) → BN → GELU → Flatten → Linear (C/4 → C) → BN1d → GELU → Linear (C → classes)
+
+    with C = 2048 in R50 (60.54M parameters at K = 3311, about twice MPM's 25.56M deployed). The classifier
+    sees only the part masks, so nothing can be dropped at inference. Training mode returns
+    (logits, [part logits]) like MPM; eval mode returns logits.
     """
 
-    def __init__(self, backbone: ResNet, seg_classes: int, num_classes: int, hidden: int = 256):
+    def __init__(self, backbone: ResNet, seg_classes: int, num_classes: int):
         super().__init__()
         self.backbone = backbone
         self.backbone.reset_classifier(0)  # its fc is unused
-        chans = tuple(backbone.feature_info[i]["num_chs"] for i in (2, 3, 4))
-        self.bypass = PartBypass(chans, seg_classes, scales=(7,), top_down=False)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(seg_classes * 16, hidden), nn.GELU(), nn.Linear(hidden, num_classes))
+        c = backbone.num_features
+        self.seg_head = nn.Sequential(nn.GELU(), nn.BatchNorm2d(c), SeparableConv(c, seg_classes))
+        self.classifier = nn.Sequential(
+            nn.AdaptiveAvgPool2d(4), nn.Conv2d(seg_classes, c // 4, 4), nn.BatchNorm2d(c // 4), nn.GELU(), nn.Flatten(),
+            nn.Linear(c // 4, c), nn.BatchNorm1d(c), nn.GELU(), nn.Linear(c, num_classes))
         self.seg_classes = seg_classes
 
-    features = MPM.features
-
     def forward(self, x: torch.Tensor):
-        seg = self.bypass(self.features(x))[0]
-        logits = self.classifier(F.adaptive_avg_pool2d(seg.softmax(1), 4))
+        seg = self.seg_head(self.backbone.forward_features(normalise(x)))  # the hook runs only through backbone.__call__
+        logits = self.classifier(seg.softmax(1))
         return (logits, [seg]) if self.training else logits
 
 
@@ -148,6 +152,12 @@ def export_deployable(model: nn.Module) -> ResNet:
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def deployed_params(model: nn.Module) -> int:
+    """Parameters used at inference (Table 7): MPM's backbone alone (the bypass is dropped); all of a
+    plain or two-stage model."""
+    return count_params(model.backbone if isinstance(model, MPM) else model)
 
 
 _R50 = dict(layers=(3, 4, 6, 3), channels=(64, 128, 256, 512), stem_width=64)

@@ -13,6 +13,7 @@ bootstrap intervals on the same images and stated as reproduced / not reproduced
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,16 +23,19 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, fileio, models, robust_eval
-from .datasets import TransformConfig, eval_transform, val_dataset
-from .pseudo_labels import SEG_DIRS
+from . import checkpoint, fileio, layout, models, robust_eval
+from .datasets import TransformConfig, eval_transform, require_train_labels, val_dataset
 from .robust_eval import EvalConfig
 from .training import TrainConfig, load_trained, train
 
 TABLE7_VARIANTS = ("twostage", "mpm_sv1", "mpm_sv2", "mpm", "mpm_sv3_notd")
 VARIANT_NAMES = {"plain": "vanilla", "twostage": "two-stage", "mpm_sv1": "SV1", "mpm_sv2": "SV2 w/ TD",
                  "mpm": "SV3 w/ TD (MPM)", "mpm_sv3_notd": "SV3 w/o TD"}
-PSEUDO_SEG_DIRS = {"real labels only": "seg", "+ pseudo w/o CF": SEG_DIRS["nocf"], "+ pseudo w/ CF": SEG_DIRS["cf"]}
+# Table 6 right: the training masks of MPM AT. Real + pseudo (CF) is every part-supervised run's default
+# (paper §4.2), so its row is the main MPM run; the other two are the explicit ablations.
+TABLE6_RUNS = {"real labels only": ("at_mpm_real", layout.REAL_SEG_DIR),
+               "+ pseudo w/o CF": ("at_mpm_pseudo_nocf", layout.PSEUDO_SEG_DIRS["nocf"]),
+               "+ pseudo w/ CF": ("at_mpm", layout.TRAIN_SEG_DIR)}
 
 
 @dataclass
@@ -39,6 +43,7 @@ class ExperimentConfig:
     """What notebook 05 trains and evaluates. `at` is the AT recipe every AT run shares."""
     at: TrainConfig = field(default_factory=TrainConfig)
     clean_epochs: int = 100            # the clean (non-AT) recipe: from scratch
+    clean_min_lr: float = 1e-3         # its cosine floor (authors' *_ori.yaml; AT configs: 1e-2)
     at_init: str = "torchvision_v2"    # AT runs start here; "clean_run" = the weights of this experiment's clean run
     lambdas: tuple[float, ...] = (0.5, 2.0)
     eval: EvalConfig = field(default_factory=EvalConfig)   # Table 3: vanilla AT and MPM AT
@@ -47,21 +52,38 @@ class ExperimentConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def plan(cfg: ExperimentConfig, converted: str | Path) -> dict[str, TrainConfig]:
-    """Run name → TrainConfig. Pseudo-label runs appear only where notebook 04 wrote their masks."""
+def plan(cfg: ExperimentConfig) -> dict[str, TrainConfig]:
+    """Run name → TrainConfig. Every part-supervised run trains on `cfg.at.seg_dir` (real + pseudo CF labels by
+    default); only Table 6's ablations change the masks. Vanilla AT has no init stage (authors: it starts from
+    the torchvision weights, fc included)."""
     at = cfg.at
     runs = {"clean_vanilla": dataclasses.replace(at, variant="plain", adversarial=False, epochs=cfg.clean_epochs,
-                                                 init="none", init_stage_epochs=0)}
+                                                 init="none", init_stage_epochs=0, min_lr=cfg.clean_min_lr)}
     init = {} if cfg.at_init == "clean_run" else {"init": cfg.at_init}
-    for v in TABLE7_VARIANTS + ("plain",):
+    for v in TABLE7_VARIANTS:
         runs[f"at_{v}"] = dataclasses.replace(at, variant=v, **init)
+    runs["at_plain"] = dataclasses.replace(at, variant="plain", init_stage_epochs=0, **init)
     runs["at_mpm_object"] = dataclasses.replace(at, variant="mpm", object_mask=True, **init)
     for lam in cfg.lambdas:
         runs[f"at_mpm_lambda{lam:g}"] = dataclasses.replace(at, variant="mpm", lam=lam, **init)
-    for name, seg_dir in PSEUDO_SEG_DIRS.items():
-        if seg_dir != "seg" and (Path(converted) / "train" / seg_dir).is_dir():
-            runs[f"at_mpm_{seg_dir}"] = dataclasses.replace(at, variant="mpm", seg_dir=seg_dir, **init)
+    for run, seg_dir in TABLE6_RUNS.values():
+        runs.setdefault(run, dataclasses.replace(at, variant="mpm", seg_dir=seg_dir, **init))
     return runs
+
+
+MASK_NAMES = {layout.REAL_SEG_DIR: "real part labels only", layout.PSEUDO_SEG_DIRS["cf"]: "real + pseudo (CF) part labels",
+              layout.PSEUDO_SEG_DIRS["nocf"]: "real + pseudo (w/o CF) part labels"}
+
+
+def recipe_note(at: TrainConfig) -> str:
+    """One sentence for a table's notes: the masks and the recipe choices its rows were trained with
+    (each one a row of docs/FIDELITY.md, where the alternative is named)."""
+    choices = [f"PGD step warm-up per {at.attack_warmup}", "best PGD iterate" if at.attack_keep_best else "last PGD iterate",
+               f"attack targets smoothed {at.attack_label_smoothing:g}", "Nesterov SGD" if at.nesterov else "SGD",
+               f"lr warm-up from {at.warmup_lr:g}, cosine floor {at.min_lr:g}",
+               "EMA with warm-up" if at.ema_warmup else "EMA without warm-up"]
+    return (f"Part-supervised runs trained on {MASK_NAMES.get(at.seg_dir, at.seg_dir)} (Table 6's ablations aside); "
+            f"AT recipe: {', '.join(choices)} — see docs/FIDELITY.md.")
 
 
 def resolve_init(name: str, tc: TrainConfig, cfg: ExperimentConfig, work: str | Path) -> TrainConfig:
@@ -78,6 +100,8 @@ def resolve_init(name: str, tc: TrainConfig, cfg: ExperimentConfig, work: str | 
 def run_training(runs: dict[str, TrainConfig], cfg: ExperimentConfig, converted: str | Path, work: str | Path) -> dict[str, dict]:
     """Train every run (resumable: finished runs are skipped). The clean run goes first."""
     work = Path(work)
+    for seg_dir in sorted({tc.seg_dir for tc in runs.values() if tc.part_supervised}):
+        require_train_labels(converted, seg_dir)  # before any run starts: a missing folder must not cost a finished run
     done: dict[str, dict] = {}
     for name in tqdm(sorted(runs, key=lambda n: n != "clean_vanilla"), desc="training runs"):
         done[name] = train(resolve_init(name, runs[name], cfg, work), converted, work / name)
@@ -159,15 +183,25 @@ def table3(records: pd.DataFrame, threats: tuple[str, ...]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def variant_table(records: pd.DataFrame, trained: dict[str, dict], runs: dict[str, str], threat: str) -> pd.DataFrame:
-    """Rows of (label → run): params in training and deployed, clean and robust accuracy with CI."""
+@functools.lru_cache(maxsize=None)
+def r50_deployed_params(variant: str, num_classes: int = 1000, seg_classes: int = 3311) -> int:
+    """Parameters at inference of `variant` at the paper's size (R50, 1000 classes, 3311 part classes):
+    25.56M for vanilla and every MPM variant (the bypass is dropped), 60.54M for the two-stage model."""
+    return models.deployed_params(models.build(variant, "r50", num_classes, seg_classes))
+
+
+def variant_table(records: pd.DataFrame, trained: dict[str, dict], runs: dict[str, str], threat: str,
+                  r50_params: bool = False) -> pd.DataFrame:
+    """Rows of (label → run): params in training and deployed, clean and robust accuracy with CI.
+    `r50_params` adds the deployed count at the paper's size (Table 7), whatever size was trained."""
     rows = []
     for label, run in runs.items():
         if run not in trained:
             continue
         acc, lo, hi, n = _acc(records, run, threat)
+        size = {"R50 params deployed (M)": r50_deployed_params(trained[run]["variant"]) / 1e6} if r50_params else {}
         rows.append({"model": label, "params train (M)": trained[run]["params"] / 1e6,
-                     "params deployed (M)": trained[run]["deployable_params"] / 1e6,
+                     "params deployed (M)": trained[run]["deployable_params"] / 1e6, **size,
                      "clean": _acc(records, run, threat, "clean")[0], threat: acc,
                      "95% CI": "not attacked (below clean floor)" if np.isnan(acc) else f"[{lo:.1f}, {hi:.1f}]",
                      "n": n, "evaluation": _evaluation(records, run, "ablation")})

@@ -25,7 +25,6 @@ import pandas as pd
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from .datasets import IMG_EXTS, TransformConfig, _load_rgb, eval_transform
@@ -70,7 +69,7 @@ class PathDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(v2.functional.pil_to_tensor(_load_rgb(self.paths[i]))).as_subclass(torch.Tensor)
+        return self.transform(_load_rgb(self.paths[i])).as_subclass(torch.Tensor)
 
 
 def stream_logits(models: dict[str, nn.Module], paths: list[Path], size: int, crop_pct: float, batch_size: int = 250,

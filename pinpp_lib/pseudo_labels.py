@@ -12,8 +12,8 @@ score wins), written for both variants:
     <converted>/train/seg_pseudo_nocf/<wnid>/<name>.png    real labels + pseudo labels without CF
     <converted>/train/whether_pseudo/<wnid>.txt            "<wnid>/<name>.JPEG 0|1" (1 = pseudo)
 
-Real labels are linked into both folders, so notebook 05 trains on real + pseudo masks alike
-(`TrainConfig.seg_dir`). Labelling is batched, resumable (finished images are skipped) and reports
+Real labels are linked into both folders, so every part-supervised run of notebooks 05/06 trains on
+real + pseudo (CF) masks alike (`TrainConfig.seg_dir`, paper §4.2); the w/o-CF folder feeds Table 6's ablation. Labelling is batched, resumable (finished images are skipped) and reports
 images/s; unreadable images are skipped and listed in `pseudo_report.txt`.
 """
 from __future__ import annotations
@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import fileio, masks, seg_eval, segmentation
+from . import fileio, layout, masks, seg_eval, segmentation
 from .datasets import list_image_folder
 
 VARIANTS = {"nocf": {"cf": False, "single_label": True}, "cf": {"cf": True, "single_label": True}}
 TABLE6_NAMES = {"nocf": "pseudo labels w/o CF", "cf": "pseudo labels w/ CF"}
-SEG_DIRS = {v: f"seg_pseudo_{v}" for v in VARIANTS}  # label folders under <converted>/train (TrainConfig.seg_dir)
+SEG_DIRS = layout.PSEUDO_SEG_DIRS  # label folders under <converted>/train, one per variant (TrainConfig.seg_dir)
 
 
 @dataclass
@@ -73,13 +73,13 @@ def unlabelled_images(converted: str | Path) -> tuple[list[str], list[tuple[str,
     """(classes, all training samples, the samples without a real part mask); samples are (relative path, label)."""
     conv = Path(converted)
     classes, samples = list_image_folder(conv / "train" / "img")
-    return classes, samples, [(rel, y) for rel, y in samples if not masks.seg_path_for(conv / "train" / "seg", rel).exists()]
+    return classes, samples, [(rel, y) for rel, y in samples if not masks.seg_path_for(conv / "train" / layout.REAL_SEG_DIR, rel).exists()]
 
 
 def _link_real_labels(conv: Path, dest: Path) -> int:
     """Link every real label PNG into `dest` (relative symlinks; idempotent). Returns the count."""
     n = 0
-    for src in sorted((conv / "train" / "seg").glob("*/*.png")):
+    for src in sorted((conv / "train" / layout.REAL_SEG_DIR).glob("*/*.png")):
         dst = dest / src.parent.name / src.name
         n += 1
         if dst.is_symlink() or dst.exists():

@@ -62,9 +62,10 @@ class RobustnessConfig:
         return Path(data_root) / defaults.get(name, Path("ood") / name)
 
 
-def plan_models(e: mx.ExperimentConfig, converted: str | Path) -> dict[str, TrainConfig]:
-    """The four runs: notebook 05's clean vanilla and AT runs, plus a clean MPM run with the clean recipe."""
-    runs = mx.plan(e, converted)
+def plan_models(e: mx.ExperimentConfig) -> dict[str, TrainConfig]:
+    """The four runs: notebook 05's clean vanilla and AT runs, plus a clean MPM run with the clean recipe
+    (the authors' resnet50_part_pp_ori.yaml: from scratch, no init stage, real + pseudo CF labels)."""
+    runs = mx.plan(e)
     return {"clean_vanilla": runs["clean_vanilla"], "clean_mpm": dataclasses.replace(runs["clean_vanilla"], variant="mpm"),
             "at_plain": runs["at_plain"], "at_mpm": runs["at_mpm"]}
 

@@ -1,13 +1,23 @@
 """Training MPM and its baselines, clean or with PGD adversarial training (paper §4.2, App. C).
 
 One implementation for the notebook, `pinpp train` and `torchrun -m pinpp_lib train` (DDP, one
-process per GPU, multi-node via torchrun's rendezvous). Recipe defaults = the paper's AT recipe:
+process per GPU, multi-node via torchrun's rendezvous). Defaults = the paper's AT recipe, with the
+details the paper leaves open taken from the authors' `adv_train.py` / `adv_utils.py` / configs
+(facts §5b, §6; each choice and its alternative: docs/FIDELITY.md):
 
-    PGD-L∞ ε 4/255, 2 steps of 4/255, random start, step size warmed up over 2 epochs, model in eval
-    mode while attacking, attack on the classification loss, losses on x_adv;
-    SGD 0.9, lr 0.2 per 512 images (scaled linearly with the total batch), cosine, 2 warm-up epochs,
-    wd 1e-4 (not on BN/bias), EMA 0.9998 (EMA weights are evaluated), label smoothing 0.1, λ = 1, γ = 2,
-    bf16 autocast + channels_last on GPU; init stage: 1 clean epoch with the backbone frozen.
+    PGD-L∞ ε 4/255, 2 steps of 4/255, uniform random start, model in eval mode while attacking, batch-mean
+    CE on label-smoothed targets, the iterate with the highest batch loss kept; attack step size warmed up
+    per epoch (0, ½, 1 over the first 2 epochs — epoch 0 trains on the random start alone); losses on x_adv;
+    SGD (Nesterov, as timm's "sgd") momentum 0.9, lr 0.2 per 512 images (scaled linearly with the total
+    batch), per-step warm-up from 1e-3 over 2 epochs, cosine to a floor of 1e-2; wd 1e-4 (not on BN/bias);
+    EMA 0.9998 without warm-up (EMA weights are evaluated), label smoothing 0.1, λ = 1, γ = 2; BN statistics
+    averaged over processes after each epoch; bf16 autocast + channels_last on GPU.
+    Init stage (part models only; vanilla AT starts from the torchvision weights with their fc): 1 clean
+    epoch with the backbone frozen, a new fc, random erasing 0.25, lr warming up from 1e-3 over 2 epochs
+    (the authors' step schedule, cut after its first epoch), no EMA; the main stage's EMA starts from its result.
+
+Part supervision reads `train/<seg_dir>`: real + pseudo (CF) labels by default (§4.2); a missing or
+unfinished pseudo-label folder stops the run with one line (`datasets.require_train_labels`).
 
 Resume: checkpoints every `ckpt_every` steps. Every random draw depends only on (seed, step) or
 (seed, epoch, sample), so `--resume` after a kill ends with the same weights as an uninterrupted run.
@@ -30,28 +40,33 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from . import checkpoint, fileio, models
+from . import checkpoint, fileio, layout, models
 from .attacks import pgd_linf
-from .datasets import PartSegDataset, TransformConfig, train_transform
+from .datasets import PartSegDataset, TransformConfig, require_train_labels, train_transform
 from .fileio import PinppError
 from .losses import mpm_loss
 
 
 @dataclass
 class TrainConfig:
-    """One training run. Defaults: the paper's AT recipe for MPM on ResNet-50-GELU."""
+    """One training run. Defaults: the paper's AT recipe for MPM on ResNet-50-GELU (authors' code where the
+    paper is silent; docs/FIDELITY.md)."""
     variant: str = "mpm"              # plain | mpm | mpm_sv1 | mpm_sv2 | mpm_sv3_notd | twostage
     arch: str = "r50"                 # r50 | tiny
     object_mask: bool = False         # Table A4: object-mask supervision (num_classes + 1 seg classes)
-    seg_dir: str = "seg"              # train/<seg_dir>: real labels, or real + pseudo (notebook 04)
+    seg_dir: str = layout.TRAIN_SEG_DIR  # train/<seg_dir>: real + pseudo (CF) labels; "seg" = real only (ablation)
     epochs: int = 80
     batch_size: int = 64              # per process
     lr: float = 0.2                   # for a total batch of lr_ref_batch; scaled linearly
     lr_ref_batch: int = 512
+    min_lr: float = 1e-2              # cosine floor (authors' AT configs; their clean configs: 1e-3)
+    warmup_lr: float = 1e-3           # lr at the first step of the warm-up
     momentum: float = 0.9
+    nesterov: bool = True             # timm's "sgd" (the authors' optimizer) is Nesterov SGD
     weight_decay: float = 1e-4
     warmup_epochs: float = 2.0
     ema_decay: float = 0.9998
+    ema_warmup: bool = False          # the authors' ModelEmaV2 has none; True: timm ModelEma's ramp
     label_smoothing: float = 0.1
     lam: float = 1.0
     gamma: float = 2.0
@@ -60,16 +75,26 @@ class TrainConfig:
     attack_steps: int = 2
     attack_step_size: float = 4 / 255
     attack_warmup_epochs: float = 2.0
+    attack_warmup: str = "epoch"      # "epoch": step × min(e, W)/W per epoch e (authors); "step": linear per step
+    attack_keep_best: bool = True     # keep the iterate with the highest batch loss (authors' use_best)
+    attack_label_smoothing: float = 0.1  # the attack's CE targets (authors: their smoothed training targets)
     init: str = "torchvision_v2"      # none | torchvision_v2 | <path to a weights file>
-    init_stage_epochs: int = 1        # clean epochs with the backbone frozen (heads only)
+    init_stage_epochs: int = 1        # clean epochs with the backbone frozen (heads only); 0 for vanilla AT
+    init_stage_re_prob: float = 0.25  # random erasing in the init stage (authors' init config)
     amp: bool = True                  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True        # CUDA only
     sync_bn: bool = False
+    dist_bn: bool = True              # average BN running statistics over processes after each epoch (timm "reduce")
     seed: int = 0
     ckpt_every: int = 1000            # steps
     workers: int = 8
     log_every: int = 10
     transform: TransformConfig = field(default_factory=TransformConfig)
+
+    @property
+    def part_supervised(self) -> bool:
+        """Does this run read part masks (every variant but plain)?"""
+        return self.variant != "plain"
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -98,8 +123,12 @@ class EpochSeeded(Dataset):
         return self.base[i]
 
 
-def load_init(backbone: nn.Module, init: str) -> None:
-    """Initialise the backbone: nothing, torchvision's ResNet-50 V2 weights, or a weights file."""
+def load_init(backbone: nn.Module, init: str, keep_fc: bool = True) -> None:
+    """Initialise the backbone: nothing, torchvision's ResNet-50 V2 weights, or a weights file.
+
+    `keep_fc=False` leaves the classifier freshly initialised (the authors drop the fc before the part
+    models' init stage); a classifier of another size is never loaded.
+    """
     if init == "none":
         return
     if init == "torchvision_v2":
@@ -112,9 +141,9 @@ def load_init(backbone: nn.Module, init: str) -> None:
                              "or train with init=none") from None
     else:
         sd = checkpoint.load(init)
-    # torchvision and timm ResNets share key names; a classifier of another size is skipped.
+    # torchvision and timm ResNets share key names.
     own = backbone.state_dict()
-    sd = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    sd = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape and (keep_fc or not k.startswith("fc."))}
     missing = [k for k in own if k not in sd and not k.startswith("fc.")]
     if missing:
         raise PinppError(f"{init}: does not fit the {type(backbone).__name__} backbone (missing e.g. {missing[0]})")
@@ -134,20 +163,43 @@ def _head_names(model: nn.Module) -> set[str]:
     return {n for n, _ in model.named_parameters() if n.startswith("fc.")}
 
 
-def lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    """Linear warm-up to `base`, then cosine to 0 (per step)."""
+def lr_at(step: int, total: int, warmup: int, base: float, min_lr: float = 0.0, warmup_lr: float = 0.0) -> float:
+    """timm's per-update CosineLRScheduler as the authors configure it (warmup_prefix off): a linear ramp
+    warmup_lr → base over the first `warmup` steps, else min_lr + ½(base − min_lr)(1 + cos(π·step/total))."""
     if step < warmup:
-        return base * (step + 1) / warmup
-    return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return warmup_lr + step * (base - warmup_lr) / warmup
+    return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * step / max(1, total)))
+
+
+def init_lr_at(step: int, warmup: int, base: float, warmup_lr: float) -> float:
+    """The init stage's lr: timm's StepLRScheduler warm-up (warmup_lr → base over `warmup` steps), then
+    constant — the authors' init config decays only after 5 epochs and trains one."""
+    return warmup_lr + step * (base - warmup_lr) / warmup if step < warmup else base
+
+
+def attack_step_at(cfg: TrainConfig, epoch: int, step_in_stage: int, steps_per_epoch: int) -> float:
+    """The PGD step size of a main-stage step, warmed up over `attack_warmup_epochs`.
+
+    "epoch" (authors' `train_one_epoch`): step × min(epoch, W) / (W + 1e-10), i.e. 0, ½, 1 for W = 2;
+    "step": step × min(1, (s + 1) / (W · steps per epoch)), a per-step linear ramp.
+    """
+    w = cfg.attack_warmup_epochs
+    if cfg.attack_warmup == "epoch":
+        return cfg.attack_step_size * min(epoch, w) / (w + 1e-10)
+    if cfg.attack_warmup == "step":
+        return cfg.attack_step_size * min(1.0, (step_in_stage + 1) / max(1, int(w * steps_per_epoch)))
+    raise PinppError(f"attack_warmup={cfg.attack_warmup!r}: choose 'epoch' (authors) or 'step'")
 
 
 def train_step(model: nn.Module, net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, m: torch.Tensor,
-               y: torch.Tensor, w: torch.Tensor, cfg: TrainConfig, attack_step_size: float,
+               y: torch.Tensor, w: torch.Tensor, cfg: TrainConfig, attack_step_size: float | None,
                autocast=contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """One optimisation step: PGD on the classification loss (if attack_step_size > 0), then the MPM
-    loss on x_adv. `net` is the (possibly DDP-wrapped) model; the attack uses the bare `model`."""
-    if attack_step_size > 0:
-        x = pgd_linf(model, x, y, cfg.eps, cfg.attack_steps, attack_step_size, autocast=autocast())
+    """One optimisation step: PGD on the classification loss (unless `attack_step_size` is None; a step size
+    of 0 still takes the random start), then the MPM loss on x_adv. `net` is the (possibly DDP-wrapped)
+    model; the attack uses the bare `model`."""
+    if attack_step_size is not None:
+        x = pgd_linf(model, x, y, cfg.eps, cfg.attack_steps, attack_step_size, autocast=autocast(),
+                     label_smoothing=cfg.attack_label_smoothing, keep_best=cfg.attack_keep_best)
     with autocast():
         outp = net(x)
     logits, segs = outp if isinstance(outp, tuple) else (outp, [])
@@ -156,6 +208,14 @@ def train_step(model: nn.Module, net: nn.Module, opt: torch.optim.Optimizer, x: 
     loss.backward()
     opt.step()
     return loss, parts, logits
+
+
+def _reduce_bn(module: nn.Module, world: int) -> None:
+    """Average BN running statistics over the processes (timm `distribute_bn(..., reduce=True)`)."""
+    for name, buf in module.named_buffers():
+        if name.endswith(("running_mean", "running_var")):
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(world)
 
 
 def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = True) -> dict[str, Any]:
@@ -169,47 +229,55 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = Tr
             raise PinppError(f"{out}: holds a finished run with another config; delete the folder, "
                              "choose another --work, or pass --restart")
         return old
+    if cfg.part_supervised:
+        require_train_labels(data, cfg.seg_dir)
     rank, world, device = setup_distributed()
     cuda = device.type == "cuda"
-    tcfg = cfg.transform
-    base = PartSegDataset(data, train_transform(tcfg), object_mask=cfg.object_mask, seg_dir=cfg.seg_dir)
+    base = PartSegDataset(data, object_mask=cfg.object_mask, seg_dir=cfg.seg_dir if cfg.part_supervised else None)
     ds = EpochSeeded(base, cfg.seed)
     num_classes = len(base.classes)
     seg_classes = num_classes + 1 if cfg.object_mask else base.num_parts + 1
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.variant, cfg.arch, num_classes, seg_classes)
-    load_init(model.backbone if hasattr(model, "backbone") else model, cfg.init)
+    stages = [("init", cfg.init_stage_epochs), ("main", cfg.epochs)]  # notebook 05's plan: no init stage for vanilla
+    load_init(model.backbone if hasattr(model, "backbone") else model, cfg.init, keep_fc=stages[0][1] == 0)
     if cfg.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     if cuda and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    ema = checkpoint.EMA(model, cfg.ema_decay)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (cuda and cfg.amp) else contextlib.nullcontext
 
     steps_per_epoch = len(ds) // (cfg.batch_size * world)
     if steps_per_epoch == 0:
         raise PinppError(f"{data}: {len(ds)} training images are fewer than one batch of {cfg.batch_size} x {world}")
-    stages = [("init", cfg.init_stage_epochs), ("main", cfg.epochs)]
     lr = cfg.lr * cfg.batch_size * world / cfg.lr_ref_batch
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
     state = checkpoint.latest(out) if resume else None
     pos = {"stage": 0, "epoch": 0, "batch": 0, "step": 0} if state is None else state["pos"]
     log: list[dict[str, float]] = [] if state is None else list(state["log"])
     if state is not None and state["config"] != wanted:
         raise PinppError(f"{out}: its checkpoints come from another config; delete the folder or pass --restart")
+    ema = None  # the main stage's EMA starts from the init stage's result (authors: a separate run without EMA)
     if state is not None:
         model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
+        if state["ema"] is not None:
+            ema = checkpoint.EMA(model, cfg.ema_decay, cfg.ema_warmup)
+            ema.load_state_dict(state["ema"])
 
     for si, (stage, n_epochs) in enumerate(stages):
         if si < pos["stage"] or n_epochs == 0:
             continue
         heads_only = stage == "init"
+        if not heads_only and ema is None:
+            ema = checkpoint.EMA(model, cfg.ema_decay, cfg.ema_warmup)
+        base.transform = train_transform(dataclasses.replace(cfg.transform, re_prob=cfg.init_stage_re_prob)
+                                         if heads_only else cfg.transform)
         heads = _head_names(model)
         for n, p in model.named_parameters():
             p.requires_grad_(not heads_only or n in heads)
         opt = torch.optim.SGD(_param_groups([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.weight_decay),
-                              lr=lr, momentum=cfg.momentum, nesterov=False)
+                              lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
         if state is not None and si == pos["stage"]:
             opt.load_state_dict(state["optimizer"])
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
@@ -230,33 +298,40 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = Tr
                 x, m, y, w = (t.to(device, non_blocking=True) for t in (x, m, y, w))
                 if cuda and cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
+                step_lr = (init_lr_at(step_in_stage, warmup_steps, lr, cfg.warmup_lr) if heads_only else
+                           lr_at(step_in_stage, total, warmup_steps, lr, cfg.min_lr, cfg.warmup_lr))
                 for g in opt.param_groups:
-                    g["lr"] = lr if heads_only else lr_at(step_in_stage, total, int(cfg.warmup_epochs * steps_per_epoch), lr)
-                warm = max(1, int(cfg.attack_warmup_epochs * steps_per_epoch))
-                ss = cfg.attack_step_size * min(1.0, (step_in_stage + 1) / warm)
-                loss, parts, logits = train_step(model, net, opt, x, m, y, w, cfg, ss if cfg.adversarial and not heads_only else 0.0,
-                                                 autocast)
-                ema.update(model)
+                    g["lr"] = step_lr
+                attack = (attack_step_at(cfg, epoch, step_in_stage, steps_per_epoch)
+                          if cfg.adversarial and not heads_only else None)
+                loss, parts, logits = train_step(model, net, opt, x, m, y, w, cfg, attack, autocast)
+                if ema is not None:
+                    ema.update(model)
                 pos = {"stage": si, "epoch": epoch, "batch": b + 1, "step": pos["step"] + 1}
                 if pos["step"] % cfg.log_every == 0:
-                    log.append({"step": pos["step"], "stage": si, "lr": opt.param_groups[0]["lr"], "loss": loss.item(),
+                    log.append({"step": pos["step"], "stage": si, "lr": step_lr, "loss": loss.item(),
                                 **{k: v.item() for k, v in parts.items()},
                                 "train_acc": (logits.argmax(1) == y).float().mean().item()})
                     bar.set_postfix(loss=f"{loss.item():.3f}")
                 if pos["step"] % cfg.ckpt_every == 0 and rank == 0:
-                    checkpoint.save(out, {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                                          "pos": pos, "log": log, "config": _jsonable(cfg)}, pos["step"])
+                    checkpoint.save(out, {"model": model.state_dict(), "ema": ema.state_dict() if ema else None,
+                                          "optimizer": opt.state_dict(), "pos": pos, "log": log,
+                                          "config": _jsonable(cfg)}, pos["step"])
+            if world > 1 and cfg.dist_bn:
+                for mod in (model, ema.module if ema else None):
+                    if mod is not None:
+                        _reduce_bn(mod, world)
             pos = {"stage": si, "epoch": epoch + 1, "batch": 0, "step": pos["step"]}
         pos = {"stage": si + 1, "epoch": 0, "batch": 0, "step": pos["step"]}
         state = None
 
     result: dict[str, Any] = {}
     if rank == 0:
+        final = ema.module if ema is not None else model
         meta = {"variant": cfg.variant, "arch": cfg.arch, "num_classes": num_classes, "seg_classes": seg_classes,
                 "classes": base.classes, "steps": pos["step"], "config": _jsonable(cfg),
-                "params": models.count_params(model), "deployable_params": models.count_params(
-                    model.backbone if isinstance(model, models.MPM) else model)}
-        w = checkpoint.save_weights(out / "ema", {k: v.cpu() for k, v in ema.module.state_dict().items()}, meta)
+                "params": models.count_params(model), "deployable_params": models.deployed_params(model)}
+        w = checkpoint.save_weights(out / "ema", {k: v.cpu() for k, v in final.state_dict().items()}, meta)
         fileio.write_json(out / "train_log.json", log)
         result = {**meta, "weights": str(w), "out": str(out)}
         fileio.write_json(done, result, indent=1)

@@ -26,6 +26,32 @@ def converted(synth, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def pseudo_converted(converted, tmp_path_factory) -> Path:
+    """`converted` plus both pseudo-label folders in the layout notebook 04 writes: real labels linked in,
+    every other training image a stand-in pseudo label (its class's first part over the image's centre), so
+    that training on real + pseudo labels runs without a segmentation model."""
+    import numpy as np
+    from PIL import Image
+
+    from pinpp_lib import fileio, layout, masks, pseudo_labels
+    out = tmp_path_factory.mktemp("pseudo") / "converted"
+    shutil.copytree(converted, out, symlinks=True)
+    first_part = {}
+    for p in fileio.read_json(out / "parts.json"):
+        first_part.setdefault(p["wnid"], p["id"])
+    _, _, unlabelled = pseudo_labels.unlabelled_images(out)
+    for d in layout.PSEUDO_SEG_DIRS.values():
+        pseudo_labels._link_real_labels(out, out / "train" / d)
+        for rel, _ in unlabelled:
+            with Image.open(out / "train" / "img" / rel) as im:
+                w, h = im.size
+            lab = np.zeros((h, w), np.uint16)
+            lab[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = first_part[rel.split("/")[0]]
+            masks.write_label_png(masks.seg_path_for(out / "train" / d, rel), lab)
+    return out
+
+
 @pytest.fixture
 def release_copy(synth, tmp_path) -> Path:
     """A writable copy of the synthetic release + images, for tests that break things."""

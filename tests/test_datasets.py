@@ -40,6 +40,16 @@ def test_eval_transform_is_resize_then_centre_crop():
     assert x.shape == (3, 224, 224) and x.dtype == torch.float32
 
 
+def test_eval_transform_matches_torchvision_on_pil():
+    """The authors' eval.py: torchvision Resize(int(224 / 0.875)) bicubic on a PIL image, CenterCrop, ToTensor."""
+    from PIL import Image
+    from torchvision import transforms as T
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (300, 410, 3), dtype=np.uint8))
+    ref = T.Compose([T.Resize(int(224 / 0.875), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor()])(img)
+    assert torch.equal(D.eval_transform(D.TransformConfig())(img).as_subclass(torch.Tensor), ref)
+
+
 def test_part_dataset_weights_and_labels(converted):
     ds = D.PartSegDataset(converted, D.train_transform(D.TransformConfig(size=32)))
     assert len(ds.classes) == 6 and ds.num_parts > 6

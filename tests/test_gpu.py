@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_mpm_adversarial_training_on_gpu(converted, tmp_path):
     """The paper's GPU setting (bf16 autocast, channels_last, PGD-2 AT) on the synthetic data: trains, saves, reloads."""
-    cfg = TrainConfig(variant="mpm", arch="tiny", epochs=2, batch_size=8, init="none", init_stage_epochs=1, workers=2,
+    cfg = TrainConfig(variant="mpm", arch="tiny", seg_dir="seg", epochs=2, batch_size=8, init="none", init_stage_epochs=1, workers=2,
                       ckpt_every=3, log_every=1, ema_decay=0.9, transform=TransformConfig(size=64, scale=(0.6, 1.0)))
     assert cfg.amp and cfg.channels_last
     res = train(cfg, converted, tmp_path / "run")

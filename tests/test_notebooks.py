@@ -144,11 +144,14 @@ def test_mpm_notebook(smoke_run):
     assert {"run", "protocol", "index", "threat", "clean", "robust", "standard"} <= set(records.columns)
     _assert_real_figure(results / "figA1_lambda.png")
     t6 = pd.read_csv(results / "table6_right_pseudo_labels.csv")
-    if (data / "converted" / "train" / "seg_pseudo_cf").is_dir():  # notebook 04 ran first (as in run_all.sh)
-        assert list(t6.model) == ["real labels only", "+ pseudo w/o CF", "+ pseudo w/ CF"]
-        assert "Not run yet" not in (results / "table6_right_pseudo_labels.md").read_text()
-    else:
-        assert list(t6.model) == ["real labels only"] and "Not run yet" in (results / "table6_right_pseudo_labels.md").read_text()
+    assert list(t6.model) == ["real labels only", "+ pseudo w/o CF", "+ pseudo w/ CF"]
+    assert "real + pseudo (CF) part labels" in (results / "table3_mpm_autoattack.md").read_text()
+    r50 = t7.set_index("model")["R50 params deployed (M)"].round(2)
+    assert r50["two-stage"] == 60.54 and (r50.drop("two-stage") == 25.56).all()
+    runs = data / "runs" / "mpm"
+    for run in ("at_mpm", "at_mpm_object", "at_mpm_sv1", "at_twostage", "at_mpm_lambda2"):  # notebook 04's CF labels
+        assert json.loads((runs / run / "done.json").read_text())["config"]["seg_dir"] == "seg_pseudo_cf", run
+    assert json.loads((runs / "at_mpm_real" / "done.json").read_text())["config"]["seg_dir"] == "seg"
 
 
 def test_robustness_notebook(smoke_run):
