@@ -91,6 +91,10 @@ class TrainConfig:
     log_every: int = 10
     transform: TransformConfig = field(default_factory=TransformConfig)
 
+    def __post_init__(self) -> None:
+        if self.attack_warmup not in ("epoch", "step"):  # checked here, not after the data has loaded
+            raise PinppError(f"attack_warmup={self.attack_warmup!r}: choose 'epoch' (the authors') or 'step' (linear per step)")
+
     @property
     def part_supervised(self) -> bool:
         """Does this run read part masks (every variant but plain)?"""
@@ -186,9 +190,7 @@ def attack_step_at(cfg: TrainConfig, epoch: int, step_in_stage: int, steps_per_e
     w = cfg.attack_warmup_epochs
     if cfg.attack_warmup == "epoch":
         return cfg.attack_step_size * min(epoch, w) / (w + 1e-10)
-    if cfg.attack_warmup == "step":
-        return cfg.attack_step_size * min(1.0, (step_in_stage + 1) / max(1, int(w * steps_per_epoch)))
-    raise PinppError(f"attack_warmup={cfg.attack_warmup!r}: choose 'epoch' (authors) or 'step'")
+    return cfg.attack_step_size * min(1.0, (step_in_stage + 1) / max(1, int(w * steps_per_epoch)))
 
 
 def train_step(model: nn.Module, net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, m: torch.Tensor,

@@ -159,6 +159,8 @@ def test_attack_step_warmup_per_epoch():
         assert attack_step_at(cfg, epoch, 0, 10) == pytest.approx(step * min(epoch, 2) / (2 + 1e-10), abs=0)
     lin = dataclasses.replace(cfg, attack_warmup="step")
     assert attack_step_at(lin, 0, 9, 10) == pytest.approx(step * 10 / 20)
+    with pytest.raises(PinppError, match="choose 'epoch'"):
+        dataclasses.replace(cfg, attack_warmup="linear")
 
 
 def authors_pgd(model, x, y, eps, steps, step, s):
