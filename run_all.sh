@@ -11,17 +11,29 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PROFILE=smoke DATA_ROOT="" ONLY="" RESULTS_DIR=""
 usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+value() {  # the value of option $1, or one clear line when it has none
+  [[ $# -ge 2 && -n $2 && $2 != --* ]] || { echo "run_all.sh: $1 needs a value (see --help)" >&2; exit 2; }
+}
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    -p|--profile) PROFILE="$2"; shift 2 ;;
-    --data-root) DATA_ROOT="$2"; shift 2 ;;
-    --results-dir) RESULTS_DIR="$2"; shift 2 ;;
-    --only) ONLY="$2"; shift 2 ;;
+    -p|--profile) value "$@"; PROFILE="$2"; shift 2 ;;
+    --data-root) value "$@"; DATA_ROOT="$2"; shift 2 ;;
+    --results-dir) value "$@"; RESULTS_DIR="$2"; shift 2 ;;
+    --only) value "$@"; ONLY="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
 [[ $PROFILE == smoke || $PROFILE == full ]] || { echo "run_all.sh: --profile must be smoke or full, not '$PROFILE'" >&2; exit 2; }
+if [[ $PROFILE == full && -n $DATA_ROOT && ! -d $DATA_ROOT ]]; then
+  echo "run_all.sh: --data-root $DATA_ROOT: no such folder; the full profile reads the data from there (layout: README.md, \"Data layout\")" >&2; exit 2
+fi
+if [[ -n $RESULTS_DIR && -e $RESULTS_DIR && ! -d $RESULTS_DIR ]]; then
+  echo "run_all.sh: --results-dir $RESULTS_DIR: exists and is not a folder; pass a folder (created if missing)" >&2; exit 2
+fi
+if [[ -n $ONLY && ! $ONLY =~ ^[0-9]{2}(,[0-9]{2})*$ ]]; then
+  echo "run_all.sh: --only '$ONLY': expected two-digit notebook numbers separated by commas, e.g. --only 00,05" >&2; exit 2
+fi
 
 "$ROOT/scripts/setup_env.sh"   # installs what is missing; a no-op when the venv is current
 PY="$ROOT/.venv/bin/python"

@@ -1,14 +1,16 @@
 """Checkpoints and EMA for training (paper App. C: EMA 0.9998, EMA weights are evaluated).
 
-A checkpoint is written to a temporary file, hashed, and renamed to `ckpt_<step>_<sha12>.pt`; then
-`latest.json` (also atomic) points at it with its full sha256. Loading verifies the hash and uses
+A checkpoint is written to a temporary file, hashed, and renamed to `ckpt_<step>_<sha12>.pt` (the name is
+the pointer: the newest intact one is resumed from). Loading verifies the hash and uses
 `torch.load(weights_only=True)`, so a checkpoint holds only tensors and plain Python values.
-A kill at any moment leaves either the previous or the new checkpoint, never a torn one.
+A kill at any moment leaves either the previous or the new checkpoint, never a torn one; equal contents
+give equal bytes, hence equal names.
 """
 from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +55,20 @@ class EMA:
 
 
 def save(out_dir: str | os.PathLike, state: dict[str, Any], step: int, keep: int = 2) -> Path:
-    """Atomically save `state` as ckpt_<step>_<sha12>.pt, point latest.json at it, prune old ones."""
+    """Atomically save `state` as ckpt_<step>_<sha12>.pt and prune all others but the newest `keep` − 1."""
     out_dir = Path(out_dir)
-    final, sha = fileio.write_hashed(out_dir, lambda h: f"ckpt_{step:08d}_{h[:12]}.pt", lambda p: torch.save(state, p))
-    fileio.write_json(out_dir / "latest.json", {"file": final.name, "sha256": sha, "step": step}, indent=1)
-    for old in sorted(out_dir.glob("ckpt_*_*.pt"))[:-keep]:
-        if old != final:
-            old.unlink(missing_ok=True)
+    final, _ = fileio.write_hashed(out_dir, lambda h: f"ckpt_{step:08d}_{h[:12]}.pt", lambda p: _save(state, p))
+    others = [p for p in sorted(out_dir.glob("ckpt_*_*.pt")) if p != final]
+    for old in others[:max(0, len(others) - (keep - 1))]:
+        old.unlink(missing_ok=True)
     return final
+
+
+def _save(obj: Any, path: Path) -> None:
+    """torch.save through a file handle: given a path, torch names the zip archive's folder after the (temporary)
+    file name, so equal weights would get different bytes — and different sha256 names."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def load(path: str | os.PathLike, sha256: str | None = None) -> dict[str, Any]:
@@ -72,7 +80,7 @@ def load(path: str | os.PathLike, sha256: str | None = None) -> dict[str, Any]:
     expected = sha256 or _recorded_sha256(path)
     if expected and not digest.startswith(expected):
         raise PinppError(f"{path}: sha256 {digest[:12]} does not match {expected[:12]}; the file is corrupt or "
-                         "was replaced — delete it and resume from an earlier checkpoint")
+                         "was replaced — delete it (training then resumes from an earlier checkpoint or rewrites it)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors have many types; all mean an unusable file here
@@ -94,17 +102,24 @@ def _recorded_sha256(path: Path) -> str | None:
 
 
 def latest(out_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The newest checkpoint of a run directory (verified), or None if there is none."""
-    ptr = Path(out_dir) / "latest.json"
-    if not ptr.exists():
-        return None
-    info = fileio.read_json(ptr, "checkpoint pointer", "delete it to start over")
-    return load(Path(out_dir) / info["file"], info["sha256"])
+    """The newest intact checkpoint of a run directory, or None if there is none.
+
+    Checkpoints are found by name (`ckpt_<step>_<sha12>.pt`), newest first; one whose bytes do not match the
+    sha256 in its name, or that does not load, is renamed `*.corrupt` with a warning, so a run resumes from
+    the checkpoint before it (two are kept) instead of failing on it.
+    """
+    for path in sorted(Path(out_dir).glob("ckpt_*_*.pt"), reverse=True):
+        try:
+            return load(path)
+        except PinppError as e:  # set aside, so that pruning and the next resume do not meet it again
+            path.rename(path.with_name(path.name + ".corrupt"))
+            warnings.warn(f"{e}; moved to {path.name}.corrupt — resuming from the checkpoint before it", stacklevel=2)
+    return None
 
 
 def save_weights(path_stem: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Save final weights as <stem>_<sha12>.pt (weights-only loadable) with a JSON sidecar of `meta`."""
     stem = Path(path_stem)
-    final, sha = fileio.write_hashed(stem.parent, lambda h: f"{stem.name}_{h[:12]}.pt", lambda p: torch.save(state_dict, p))
+    final, sha = fileio.write_hashed(stem.parent, lambda h: f"{stem.name}_{h[:12]}.pt", lambda p: _save(state_dict, p))
     fileio.write_json(stem.with_suffix(".json"), {**meta, "weights": final.name, "sha256": sha}, indent=1)
     return final

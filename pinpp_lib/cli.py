@@ -98,7 +98,10 @@ def _cmd_train(a: argparse.Namespace) -> int:
     if a.run not in runs:
         raise PinppError(f"unknown run {a.run!r}; runs of this profile: {', '.join(runs)}")
     work = s.paths.work("mpm", a.work)
-    tc = apply_overrides(mx.resolve_init(a.run, runs[a.run], s.mpm, work), _parse_sets(a.set), "train config")
+    sets = _parse_sets(a.set)
+    tc = apply_overrides(runs[a.run], sets, "train config")  # every value checked before anything is read
+    if "init" not in sets:  # a user's --set init=... wins over the profile's init
+        tc = mx.resolve_init(a.run, tc, s.mpm, work)
     result = train(tc, s.paths.converted, work / a.run, resume=not a.restart)
     _end_distributed()
     if result:
@@ -112,13 +115,17 @@ def _cmd_eval_aa(a: argparse.Namespace) -> int:
     from . import mpm_experiments as mx
     from . import robust_eval
     from .config import apply_overrides, resolve
-    from .datasets import TransformConfig
+    from .datasets import TransformConfig, list_image_folder
     from .training import load_trained
     s = resolve(a.profile, data_root=a.data_root, seed=a.seed)
+    ecfg = apply_overrides(s.mpm.eval, {"threats": tuple(a.threat or s.mpm.eval.threats), "mode": a.mode}, "eval config")
     model, meta = load_trained(a.run_dir, s.mpm.device)
+    classes, _ = list_image_folder(s.paths.converted / "train" / "img")
+    if meta["classes"] != classes:
+        raise PinppError(f"{a.run_dir}: the model was trained on {len(meta['classes'])} classes, the data at "
+                         f"{s.paths.converted} has {len(classes)}; evaluate it with the --data-root it was trained on")
     tcfg = TransformConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"]["transform"].items()})
     x, y = mx.eval_images(s.paths.converted, tcfg, a.start, a.end)
-    ecfg = apply_overrides(s.mpm.eval, {"threats": tuple(a.threat or s.mpm.eval.threats), "mode": a.mode}, "eval config")
     if a.mode == "pgd":
         print("note: PGD dev mode is NOT the standard AutoAttack evaluation; do not report these numbers as such",
               file=sys.stderr)
@@ -128,17 +135,10 @@ def _cmd_eval_aa(a: argparse.Namespace) -> int:
 
 
 def _cmd_human(a: argparse.Namespace) -> int:
-    import pandas as pd
-
     from . import human_consistency as H
     trials = H.load_trials(a.trials, a.dataset)
     if a.decisions:
-        dec = pd.read_csv(a.decisions, dtype=str)
-        if "key" not in dec.columns and "imagename" in dec.columns:
-            dec["key"] = dec["imagename"].map(H.image_key)
-        missing = {"dataset", "key", "decision"} - set(dec.columns)
-        if missing:
-            raise PinppError(f"{a.decisions}: missing column(s) {sorted(missing)}; expected dataset, imagename (or key), decision")
+        dec = H.read_decisions(a.decisions, H.trial_datasets(a.trials))
         _, agg = H.model_vs_humans(dec, trials)
         print("model vs humans")
     else:

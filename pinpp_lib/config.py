@@ -20,10 +20,11 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .convert import ConvertConfig
 from .datasets import TransformConfig
+from .checks import Checked, Rule, SettingError, at_least
 from .fileio import PinppError
 from .mpm_experiments import ExperimentConfig
 from .few_shot import FewShotConfig
@@ -88,10 +89,11 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
 
 
 @dataclass
-class StatsConfig:
+class StatsConfig(Checked):
     """Dataset-statistics settings (notebook 01)."""
     figure_images: int = 12
     seed: int = 0
+    LIMITS: ClassVar[dict[str, Rule]] = {"figure_images": at_least(1), "seed": at_least(0)}
 
 
 @dataclass
@@ -139,9 +141,15 @@ def apply_overrides(obj: Any, overrides: dict[str, Any], where: str) -> Any:
     bad = set(overrides) - names
     if bad:
         raise PinppError(f"unknown setting(s) {sorted(bad)} for {where}; known: {sorted(names)}")
-    resolved = {k: apply_overrides(getattr(obj, k), v, f"{where}.{k}") if dataclasses.is_dataclass(getattr(obj, k)) and isinstance(v, dict)
-                else v for k, v in overrides.items()}
-    return dataclasses.replace(obj, **resolved)
+    try:
+        resolved = {k: apply_overrides(getattr(obj, k), v, f"{where}.{k}") if dataclasses.is_dataclass(getattr(obj, k))
+                    and isinstance(v, dict) else v for k, v in overrides.items()}
+        return dataclasses.replace(obj, **resolved)
+    except SettingError as e:  # name the key path the user gave (e.g. `--set transform.size=...`)
+        if e.where is None:
+            e = SettingError(f"{where}: {e}")
+            e.where = where
+        raise e from None
 
 
 def resolve(profile: str = "smoke", data_root: str | Path | None = None, results_dir: str | Path | None = None,

@@ -14,26 +14,27 @@ every annotation output. Each output file is written atomically; a killed run re
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing as mp
 import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import fileio, layout, masks
+from . import fileio, layout, masks, store
+from .checks import Checked, Rule, all_of, at_least, between, each, one_of, sums_to
 from .fileio import PinppError
-from .release import ClassAnnotations, Fault, Release, check_image, dump_faults, load_release
+from .release import Fault, Release, check_image, dump_faults, load_release
 
 SPLITS = ("train", "val", "test")
 
 
 @dataclass
-class ConvertConfig:
+class ConvertConfig(Checked):
     """Conversion options. `split` is the benchmark's train/val/test share (paper: 8:1:1)."""
     seed: int = 0
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
@@ -41,6 +42,8 @@ class ConvertConfig:
     check_images: bool = True    # decode every annotated image (catches missing/truncated files)
     link: str = "symlink"        # train/img and val_1w/img: "symlink" or "copy"
     workers: int = 1
+    LIMITS: ClassVar[dict[str, Rule]] = {"seed": at_least(0), "split": all_of(each(between(0, 1)), sums_to(1)),
+                                         "link": one_of("symlink", "copy"), "workers": at_least(1)}
 
 
 def part_table(release: Release) -> list[dict]:
@@ -60,9 +63,9 @@ def part_table(release: Release) -> list[dict]:
 
 def _class_records(args: tuple) -> dict:
     """Rasterise one class: write its seg PNGs; return per-image records and faults (worker)."""
-    cls, class_index, global_ids, discarded, train_root, out, cfg = args
-    cache = out / ".cache" / f"{cls.wnid}.json"
-    if cache.exists():  # resumed run: this class finished before
+    cls, class_index, global_ids, discarded, train_root, out, cache_dir, cfg = args
+    cache = cache_dir / f"{cls.wnid}.json"
+    if cache.exists():  # resumed run of the same conversion: this class finished before
         return json.loads(cache.read_text())
     strict_faults: list[Fault] = []
     records = []
@@ -159,7 +162,8 @@ def _convert_val(val_list: Path, val_root: Path, wnids: list[str], out: Path, cf
     """Link the val-list images into val_1w/img and check their labels; return the count kept."""
     index = {w: i for i, w in enumerate(wnids)}
     kept = []
-    for n, raw in enumerate(val_list.read_text().splitlines(), 1):
+    text = fileio.read_text(val_list, "the val list", "pass the evaluation list: lines '<wnid>/<file> <label>'")
+    for n, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
             continue
         parts = raw.split()
@@ -194,12 +198,39 @@ def _remove_temporaries(out: Path) -> None:
                 (Path(dirpath) / f).unlink(missing_ok=True)
 
 
-def _input_key(release: Release, cfg: ConvertConfig, extra: list[str]) -> str:
-    h = hashlib.sha256(json.dumps({k: v for k, v in asdict(cfg).items() if k != "workers"}, sort_keys=True).encode())
-    for p in sorted((release.root / "json").glob("*.json")):
-        h.update(f"{p.name}:{p.stat().st_size}".encode())
-    h.update("|".join(extra).encode())
-    return h.hexdigest()[:16]
+MANIFEST = "convert_manifest.json"  # the store's record of a finished conversion
+OWN_OUTPUTS = ("train/img", "train/seg", "train/whether_pseudo", "val_1w", "seg_benchmark", "parts.json",
+               "convert_report.json", "convert_report.txt", ".cache")  # never train/seg_pseudo_* (notebook 04's work)
+
+
+def check_train_root(train_root: Path, wnids: list[str]) -> None:
+    """One line unless `train_root` holds class folders of the release (a root one level too high or too
+    low would otherwise show up as thousands of images 'to restore')."""
+    if any((train_root / w).is_dir() for w in wnids):
+        return
+    inner = [d for d in sorted(train_root.iterdir()) if d.is_dir() and any((d / w).is_dir() for w in wnids)]
+    hint = f" — did you mean {inner[0]}?" if inner else (
+        f" — it looks like one class folder itself; pass its parent {train_root.parent}" if train_root.name in wnids else "")
+    raise PinppError(f"{train_root}: holds none of the release's {len(wnids)} class folders (e.g. {wnids[0]}/){hint}; "
+                     "pass the ImageNet train folder that holds <wnid>/ folders")
+
+
+def identity(release: Release, cfg: ConvertConfig, train_root: Path, imagenet_val: Path | None,
+             val_list: Path | None) -> store.Identity:
+    """What a conversion depends on: the options, the release's bytes (json/, including/, discarded and
+    category files), the train root's class folders and the annotated images (names, sizes, times), and the
+    val list's bytes and the val images."""
+    rel_files = [p for p in release.root.rglob("*") if p.is_file() and p.suffix in (".json", ".txt")]
+    images = [train_root / im["file_name"] for cls in release.classes.values() for im in cls.images]
+    inputs = {"release": store.files_digest(rel_files, release.root),
+              "train_classes": store.names_digest(sorted(d.name for d in train_root.iterdir() if d.is_dir())),
+              "train_images": store.tree_digest(images, train_root)}
+    if val_list is not None and imagenet_val is not None:
+        inputs["val_list"] = store.files_digest([val_list])
+        inputs["val_images"] = store.tree_digest([p for p in imagenet_val.rglob("*") if p.is_file()], imagenet_val)
+    settings = {**{k: v for k, v in asdict(cfg).items() if k != "workers"}, "imagenet_train": str(train_root.resolve()),
+                "imagenet_val": str(imagenet_val.resolve()) if imagenet_val else None}
+    return store.Identity("convert", settings, inputs)
 
 
 def convert(annotations: str | Path, imagenet_train: str | Path, out: str | Path,
@@ -207,8 +238,10 @@ def convert(annotations: str | Path, imagenet_train: str | Path, out: str | Path
             cfg: ConvertConfig | None = None) -> dict:
     """Convert a release (`annotations`, the HF folder) + ImageNet into `out`. Returns the summary.
 
-    Works unchanged on the real release and on `pinpp synth` output. Re-running with the same inputs
-    resumes (finished classes are skipped); different inputs into the same `out` are refused.
+    Works unchanged on the real release and on `pinpp synth` output. A finished conversion of the same
+    inputs (`identity`) with intact outputs is reused; after a change of any input (a record fixed, an image
+    restored, a class removed) the converter's own outputs are deleted and written again — pseudo labels
+    (`train/seg_pseudo_*`) are left to their own record. A killed run resumes class by class.
     """
     cfg = cfg or ConvertConfig()
     out, train_root = Path(out), Path(imagenet_train)
@@ -217,21 +250,24 @@ def convert(annotations: str | Path, imagenet_train: str | Path, out: str | Path
     if (val_list is None) != (imagenet_val is None):
         raise PinppError("--imagenet-val and --val-list go together; pass both or neither")
     release = load_release(annotations, strict=cfg.strict)
-    key = _input_key(release, cfg, [str(train_root.resolve()), str(val_list), str(imagenet_val)])
-    manifest = out / "convert_manifest.json"
-    if manifest.exists():
-        old = fileio.read_json(manifest)
-        if old.get("key") != key:
-            raise PinppError(f"{out}: was converted from other inputs or options ({manifest}); use a fresh --out")
-        if old.get("complete"):
-            return old["summary"]
-        _remove_temporaries(out)  # left by a killed run; finished outputs are kept and reused
-    fileio.write_json(manifest, {"key": key, "complete": False})
+    check_train_root(train_root, release.wnids)
+    if imagenet_val is not None and not Path(imagenet_val).is_dir():
+        raise PinppError(f"{imagenet_val}: ImageNet val folder not found; pass --imagenet-val DIR (flat, or with <wnid>/ folders)")
+    ident = identity(release, cfg, train_root, Path(imagenet_val) if imagenet_val else None,
+                     Path(val_list) if val_list else None)
+    done = store.finished(out, ident, MANIFEST)
+    if done is not None:
+        return done["summary"]
+    cache = out / ".cache" / ident.sha256[:16]
+    if store.read(out, MANIFEST) is not None or (out / ".cache").is_dir() and not cache.is_dir():
+        _remove_own_outputs(out)  # another conversion's outputs: never mixed with this one's
+        store.forget(out, MANIFEST)
+    _remove_temporaries(out)  # left by a killed run; finished classes (in the cache) are reused
 
     wnids = release.wnids
     parts = part_table(release)
     gid = {(p["wnid"], p["part"]): p["id"] for p in parts}
-    jobs = [(cls, ci, {n: i for (w, n), i in gid.items() if w == cls.wnid}, release.discarded, train_root, out, cfg)
+    jobs = [(cls, ci, {n: i for (w, n), i in gid.items() if w == cls.wnid}, release.discarded, train_root, out, cache, cfg)
             for ci, cls in enumerate(release.classes.values())]
     if cfg.workers > 1:
         with mp.get_context("spawn").Pool(cfg.workers) as pool:
@@ -257,6 +293,17 @@ def convert(annotations: str | Path, imagenet_train: str | Path, out: str | Path
                "discarded": len(release.discarded), "val_images": n_val, "skipped_records": len(faults)}
     fileio.write_text(out / "convert_report.json", json.dumps({"summary": summary, "faults": json.loads(dump_faults(faults))}, indent=1))
     fileio.write_text(out / "convert_report.txt", "".join(f.line() + "\n" for f in faults) or "no skipped records\n")
-    fileio.write_json(manifest, {"key": key, "complete": True, "summary": summary}, indent=1)
+    own = [out / "parts.json", out / "convert_report.json", *sorted((out / "seg_benchmark").glob("*.json"))]
+    store.finish(out, ident, own + ([out / "val_1w" / "val_list.txt"] if val_list else []), {"summary": summary}, MANIFEST)
     shutil.rmtree(out / ".cache", ignore_errors=True)
     return summary
+
+
+def _remove_own_outputs(out: Path) -> None:
+    """Delete what `convert` writes (image folders are links or copies: their sources are untouched)."""
+    for rel in OWN_OUTPUTS:
+        p = out / rel
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+        elif p.is_dir():
+            shutil.rmtree(p)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from . import fileio
+from . import fileio, store
 from .fileio import PinppError
 
 FAMILIES: dict[str, tuple[str, ...]] = {
@@ -30,6 +30,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "digital": ("contrast", "elastic_transform", "pixelate", "jpeg_compression"),
 }
 CORRUPTIONS = tuple(c for names in FAMILIES.values() for c in names)
+JPEG_QUALITY = 85  # ImageNet-C's released files are JPEGs of this quality
 FAMILY_OF = {c: f for f, names in FAMILIES.items() for c in names}
 
 
@@ -80,21 +81,24 @@ def write_imagenet_c(root: str | Path, x: torch.Tensor, rel_paths: list[str], se
     """Write ImageNet-C for the evaluation crops `x` ([0, 1], N×3×S×S) in the released layout.
 
     Like the original, each corrupted crop is a JPEG (quality 85) named as its source; a
-    (corruption, severity) folder is complete once its `.done` marker exists, so an interrupted
-    run resumes where it stopped. Evaluation then reads the folder — the same code path as a
-    downloaded ImageNet-C.
+    (corruption, severity) folder is complete once its `.done` record holds the identity of these crops, names
+    and seed (`store`), so an interrupted run resumes where it stopped and a changed input is rewritten.
+    Evaluation then reads the folder — the same code path as a downloaded ImageNet-C.
     """
     from PIL import Image
     root = Path(root)
+    inputs = {"images": store.tensor_digest(x), "names": store.names_digest(rel_paths)}
     for c in tqdm(corruptions, desc="writing ImageNet-C", leave=False):
         for s in severities:
-            done = root / c / str(s) / ".done"
-            if done.exists():
+            folder = root / c / str(s)
+            ident = store.Identity("imagenet-c", {"corruption": c, "severity": s, "seed": seed, "jpeg_quality": JPEG_QUALITY},
+                                   inputs)
+            if store.finished(folder, ident, ".done") is not None:  # same crops, names, seed: reuse
                 continue
             out = corrupt_batch(x, c, s, seed)
             for img, rel in zip((out * 255).round().byte().permute(0, 2, 3, 1).numpy(), rel_paths):
-                fileio.atomic_save_image(Image.fromarray(img), root / c / str(s) / rel, quality=85)
-            fileio.write_json(done, {"images": len(rel_paths), "seed": seed})
+                fileio.atomic_save_image(Image.fromarray(img), folder / rel, quality=JPEG_QUALITY)
+            store.finish(folder, ident, [], {"images": len(rel_paths)}, ".done")
     return root
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import cv2
@@ -19,7 +20,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import v2
 
-from . import fileio, layout, masks
+from . import fileio, layout, masks, store
+from .checks import Checked, Rule, all_of, at_least, between, each, ordered
 from .fileio import PinppError
 from .models import IMAGENET_MEAN, IMAGENET_STD
 
@@ -27,7 +29,7 @@ IMG_EXTS = (".jpeg", ".jpg", ".png")
 
 
 @dataclass
-class TransformConfig:
+class TransformConfig(Checked):
     """Training/eval transform settings (paper: 224 crop, bicubic, crop pct 0.875, jitter 0.1).
 
     `re_prob`: timm's RandomErasing (mode "pixel", one block) on the image only; the authors use 0.25
@@ -38,6 +40,9 @@ class TransformConfig:
     hflip: float = 0.5
     color_jitter: float = 0.1
     re_prob: float = 0.0
+    LIMITS: ClassVar[dict[str, Rule]] = {"size": at_least(8), "crop_pct": between(0.05, 1), "hflip": between(0, 1),
+                                         "scale": all_of(each(between(0, 1)), ordered), "color_jitter": at_least(0),
+                                         "re_prob": between(0, 1)}
 
 
 class JointTrainTransform:
@@ -191,6 +196,16 @@ class PartSegDataset(Dataset):
         return x, m, label, weight
 
 
+def fingerprint(ds: PartSegDataset) -> dict[str, str]:
+    """Digests of what training on `ds` reads: the class and image list (names, in order), the part table's
+    bytes, and the label maps (names, sizes, modification times) — a class removed, an image added or a
+    relabelled mask all change it."""
+    masks_used = [masks.seg_path_for(ds.seg_root, rel) for (rel, _), has in zip(ds.samples, ds.has_seg) if has]
+    return {"images": store.names_digest(f"{rel} {label}" for rel, label in ds.samples),
+            "parts": fileio.sha256_file(ds.root / "parts.json"),
+            "masks": store.tree_digest(masks_used, ds.seg_root) if ds.seg_root is not None else "none"}
+
+
 def require_train_labels(root: str | Path, seg_dir: str) -> None:
     """Stop with one line unless `train/<seg_dir>` can supervise a part model.
 
@@ -199,6 +214,9 @@ def require_train_labels(root: str | Path, seg_dir: str) -> None:
     The real-label folder `seg` only needs to exist (most images have no real mask; they weigh 0).
     """
     folder = Path(root) / "train" / seg_dir
+    if not (Path(root) / "train" / "img").is_dir():
+        raise PinppError(f"{root}: no converted training data (train/img); run `pinpp prepare` (notebook 00) or "
+                         "`pinpp convert`, or point --data-root at the folder that holds converted/")
     how = "run notebooks/04_pseudo_labels.ipynb (or `pinpp pseudo-label`)"
     if seg_dir == layout.REAL_SEG_DIR:
         if not folder.is_dir():
@@ -219,10 +237,9 @@ class ValListDataset(Dataset):
 
     def __init__(self, img_root: str | Path, list_file: str | Path, transform: v2.Compose | None = None):
         self.img_root, list_file = Path(img_root), Path(list_file)
-        if not list_file.exists():
-            raise PinppError(f"{list_file}: val list not found; run `pinpp convert` with --val-list (or notebook 00)")
+        text = fileio.read_text(list_file, "val list", "run `pinpp convert` with --val-list (or notebook 00)")
         self.samples = []
-        for n, line in enumerate(list_file.read_text().splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     rel, label = line.split()

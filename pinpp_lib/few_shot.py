@@ -9,10 +9,9 @@ stored test episodes (same episodes for every model). Per-episode records → me
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -22,7 +21,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import checkpoint, fileio
+from . import checkpoint, fileio, store
+from .checks import Checked, Rule, above, at_least, device_name, each
 from .few_shot_data import PartImageDataset, Sample, class_split, draw_episodes, episodes
 from .synthetic import SynthConfig
 from .few_shot_models import FewShotNet, centroid_scores, emd_scores
@@ -32,7 +32,7 @@ VARIANTS = ("object", "object+part")
 
 
 @dataclass
-class FewShotConfig:
+class FewShotConfig(Checked):
     """Defaults: the authors' setting (ResNet-12, 80 px Meta-Baseline / 84 px DeepEMD, 900 train classes, M = 3)."""
     split: tuple[int, int, int] = (900, 50, 50)
     channels: tuple[int, ...] = (64, 160, 320, 640)
@@ -55,6 +55,12 @@ class FewShotConfig:
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     synth: SynthConfig | None = None   # a synthetic release to use instead of the real one (smoke)
+    LIMITS: ClassVar[dict[str, Rule]] = {
+        "split": each(at_least(0)), "channels": each(at_least(1)), "branch_channels": each(at_least(1)),
+        "size_meta_baseline": at_least(8), "size_deepemd": at_least(8), "m_parts": at_least(0), "emd_regions": at_least(1),
+        "n_way": at_least(2), "shots": each(at_least(1)), "n_query": at_least(1), "pretrain_epochs": at_least(0),
+        "pretrain_lr": above(0), "batch_size": at_least(1), "weight_decay": at_least(0), "meta_episodes": at_least(0),
+        "meta_lr": above(0), "eval_episodes": at_least(1), "workers": at_least(0), "seed": at_least(0), "device": device_name}
 
 
 def _regions(method: str, variant: str, cfg: FewShotConfig) -> int:
@@ -131,26 +137,38 @@ def meta_train(model: FewShotNet, ds: PartImageDataset, cfg: FewShotConfig, meth
         opt.step()
 
 
+# Settings that do not change a trained model (evaluation, loader workers, device, the synthetic source —
+# whose samples are an input of their own).
+_NOT_TRAINING = ("eval_episodes", "workers", "device", "shots", "synth")
+
+
 def train_model(samples: list[Sample], cfg: FewShotConfig, method: str, variant: str, shot: int,
                 work: str | Path) -> FewShotNet:
-    """Pre-train (once per method/variant) and meta-train for `shot`; finished stages are loaded, not redone."""
+    """Pre-train (once per method/variant) and meta-train for `shot`. A finished stage is loaded, not redone,
+    while its identity (settings, the training samples, and for meta-training the pre-trained weights) is
+    unchanged; a stage of another identity is refused in one line (it holds a trained model)."""
     work = Path(work) / f"{method}_{variant.replace('+', '_')}"
     ds = datasets(samples, cfg, method, variant, train=True)
     model = build(method, variant, cfg)
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_TRAINING}
+    inputs = {"samples": store.names_digest(f"{s.wnid}/{s.path.name} {s.boxes}" for s in samples)}
     torch.manual_seed(cfg.seed)
     for stage, run in (("pretrain", lambda: pretrain(model, ds, cfg, method)),
                        (f"meta_{shot}shot", lambda: meta_train(model, ds, cfg, method, shot))):
-        meta_path = work / f"{stage}.json"
-        if meta_path.exists():
-            info = fileio.read_json(meta_path, "few-shot weights", "delete it to retrain")
-            if info["config"] != json.loads(json.dumps(dataclasses.asdict(cfg))):
-                raise fileio.PinppError(f"{meta_path}: trained with another configuration; use another WORK_DIR or "
-                                        f"delete {work} to retrain")
-            model.load_state_dict(checkpoint.load(work / info["weights"], info["sha256"]))
-            continue
-        run()
-        checkpoint.save_weights(work / stage, model.state_dict(), {"method": method, "variant": variant, "stage": stage,
-                                                                    "config": dataclasses.asdict(cfg)})
+        ident = store.Identity("few-shot", {"method": method, "variant": variant, "stage": stage, "config": settings}, inputs)
+        record = f"{stage}.done.json"
+        done = store.finished(work, ident, record)
+        if done is not None:
+            model.load_state_dict(checkpoint.load(work / done["weights"]))
+        else:
+            why = store.stale(work, ident, record)
+            if why:
+                raise fileio.PinppError(f"{work / record}: trained with another configuration or other samples ({why}); "
+                                        f"use another WORK_DIR or delete {work} to retrain")
+            run()
+            w = checkpoint.save_weights(work / stage, model.state_dict(), {"method": method, "variant": variant, "stage": stage})
+            done = store.finish(work, ident, [w], {"weights": w.name}, record)
+        inputs = {**inputs, stage: done["files"][done["weights"]]}  # meta-training depends on these weights
     return model.eval()
 
 

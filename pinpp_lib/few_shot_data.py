@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
 
-from . import fileio
+from . import store
 from .datasets import _load_rgb
 from .fileio import PinppError
 from .release import Release
@@ -159,15 +159,15 @@ class _Labels(Dataset):
 
 def episodes(path: str | Path, targets: list[int], n_way: int, k_shot: int, n_query: int, n_episodes: int,
              seed: int) -> list[dict[str, Any]]:
-    """The stored episodes at `path` (drawn and written on first use; a different request is an error)."""
+    """The stored episodes at `path`, drawn and written on first use. They are replayed while the request and
+    the dataset's labels are unchanged (every model of a table is scored on the same episodes); after a change
+    they are drawn again (they are cheap, and the models are then retrained too)."""
     path = Path(path)
-    spec = {"n_way": n_way, "k_shot": k_shot, "n_query": n_query, "n_episodes": n_episodes, "seed": seed,
-            "dataset_size": len(targets)}
-    if path.exists():
-        stored = fileio.read_json(path, "episode file", "delete it to draw new episodes")
-        if stored["spec"] != spec:
-            raise PinppError(f"{path}: stored episodes are for {stored['spec']}, not {spec}; delete the file to redraw")
-        return stored["episodes"]
+    ident = store.Identity("episodes", {"n_way": n_way, "k_shot": k_shot, "n_query": n_query, "n_episodes": n_episodes,
+                                        "seed": seed}, {"targets": store.names_digest(map(str, targets))})
+    done = store.finished(path.parent, ident, path.name)
+    if done is not None:
+        return done["episodes"]
     eps = draw_episodes(targets, n_way, k_shot, n_query, n_episodes, seed)
-    fileio.write_json(path, {"spec": spec, "episodes": eps})
+    store.finish(path.parent, ident, [], {"episodes": eps}, path.name)
     return eps

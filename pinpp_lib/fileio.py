@@ -75,6 +75,44 @@ def read_json(path: str | os.PathLike, what: str = "file", fix: str = "re-create
         raise PinppError(f"{path}: not a UTF-8 text file; {fix}") from None
 
 
+def read_text(path: str | os.PathLike, what: str = "file", fix: str = "re-create it") -> str:
+    """A user-supplied text file, or one line that says why it cannot be read (missing, a folder, unreadable,
+    not UTF-8, empty)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise PinppError(f"{path}: {what} not found; {fix}") from None
+    except IsADirectoryError:
+        raise PinppError(f"{path}: is a folder, but {what} is a file; {fix}") from None
+    except OSError as e:
+        raise PinppError(f"{path}: {what} cannot be read ({e.strerror}); {fix}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PinppError(f"{path}: {what} is not UTF-8 text (byte {e.start}); {fix}") from None
+    if not text.strip():
+        raise PinppError(f"{path}: {what} is empty; {fix}")
+    return text
+
+
+def read_csv(path: str | os.PathLike, what: str, fix: str, columns: tuple[str, ...] = (), **kwargs: Any):
+    """A user-supplied CSV as a DataFrame (pandas' own errors restated in one line), with `columns` required."""
+    import io
+
+    import pandas as pd
+    text = read_text(path, what, fix)
+    try:
+        df = pd.read_csv(io.StringIO(text), **kwargs)
+    except (pd.errors.ParserError, ValueError) as e:
+        raise PinppError(f"{path}: {what} is not valid CSV ({str(e).splitlines()[0]}); {fix}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise PinppError(f"{path}: {what} lacks column(s) {missing} (has {list(df.columns)}); {fix}")
+    return df
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()

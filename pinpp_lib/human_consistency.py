@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import fileio
 from .fileio import PinppError
 
 # Undistorted control condition of each parametric dataset (the others have one condition, "0").
@@ -56,7 +57,7 @@ def load_trials(root: str | Path | None = None, datasets: list[str] | None = Non
     frames = []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and (datasets is None or p.name in datasets)):
         for f in sorted(d.glob("*.csv")):
-            df = pd.read_csv(f, dtype=str)
+            df = fileio.read_csv(f, "human trial file", "re-download the raw data (bethgelab/model-vs-human)", dtype=str)
             df.columns = [c.lower() for c in df.columns]  # some files say "Session"
             missing = {"subj", "object_response", "category", "condition", "imagename"} - set(df.columns)
             if missing:
@@ -67,6 +68,38 @@ def load_trials(root: str | Path | None = None, datasets: list[str] | None = Non
     if not frames:
         raise PinppError(f"{root}: no trial CSVs found (datasets {datasets or 'all'})")
     return pd.concat(frames, ignore_index=True)
+
+
+DECISIONS_FORMAT = "a CSV with columns dataset, imagename (or key), decision (one of the 16 categories)"
+
+
+def trial_datasets(root: str | Path | None = None) -> list[str]:
+    """The datasets that have human trials under `root` (default: the copy shipped with the kit)."""
+    root = Path(root) if root else data_root()
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def read_decisions(path: str | Path, datasets: list[str]) -> pd.DataFrame:
+    """A model's 16-class decisions from a user's CSV, every row checked: a known dataset, an image name in
+    the toolbox's form (or its key), and one of the 16 categories; the first bad row is named in one line."""
+    fix = f"expected {DECISIONS_FORMAT}"
+    dec = fileio.read_csv(path, "decisions file", fix, dtype=str)
+    if "key" not in dec.columns and "imagename" in dec.columns:
+        for n, name in enumerate(dec["imagename"], 2):
+            if not isinstance(name, str) or len(name.split("_")) < 4:
+                raise PinppError(f"{path}: row {n} imagename {name!r}: expected '<trial>_<exp>_<subject>_<rest>' "
+                                 "as the toolbox names its images")
+        dec["key"] = dec["imagename"].map(image_key)
+    missing = {"dataset", "key", "decision"} - set(dec.columns)
+    if missing:
+        raise PinppError(f"{path}: missing column(s) {sorted(missing)}; {fix}")
+    for col, allowed in (("dataset", set(datasets)), ("decision", set(human16_map()))):
+        bad = ~dec[col].isin(allowed)
+        if bad.any():
+            n = int(bad.to_numpy().argmax())
+            raise PinppError(f"{path}: row {n + 2} {col} {dec[col].iloc[n]!r}: expected one of {', '.join(sorted(allowed))}; "
+                             "fix the row")
+    return dec
 
 
 def pair_metrics(a: np.ndarray, b: np.ndarray) -> dict[str, float]:

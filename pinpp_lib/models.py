@@ -194,5 +194,5 @@ def _register(name: str, variant: str, size: str) -> None:
 
 for _v in VARIANTS:
     for _s, _suffix in (("r50", "resnet50"), ("tiny", "tiny")):
-        _name = {"plain": f"resnet50_gelu" if _s == "r50" else "resnet_gelu_tiny"}.get(_v, f"{_v}_{_suffix}")
+        _name = {"plain": "resnet50_gelu" if _s == "r50" else "resnet_gelu_tiny"}.get(_v, f"{_v}_{_suffix}")
         _register(_name, _v, _s)

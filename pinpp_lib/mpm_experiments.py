@@ -16,7 +16,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, fileio, layout, models, robust_eval
 from .datasets import TransformConfig, eval_transform, require_train_labels, val_dataset
+from .checks import Checked, Rule, at_least, device_name, each, one_of
 from .robust_eval import EvalConfig
 from .training import TrainConfig, load_trained, train
 
@@ -39,7 +40,7 @@ TABLE6_RUNS = {"real labels only": ("at_mpm_real", layout.REAL_SEG_DIR),
 
 
 @dataclass
-class ExperimentConfig:
+class ExperimentConfig(Checked):
     """What notebook 05 trains and evaluates. `at` is the AT recipe every AT run shares."""
     at: TrainConfig = field(default_factory=TrainConfig)
     clean_epochs: int = 100            # the clean (non-AT) recipe: from scratch
@@ -50,6 +51,9 @@ class ExperimentConfig:
     ablation_threats: tuple[str, ...] = ("Linf-4/255",)  # Tables 7, A4, 6-right and Fig. A1
     ablation_mode: str = "autoattack"  # or "pgd": PGD-k, flagged non-standard in records and tables
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    LIMITS: ClassVar[dict[str, Rule]] = {"clean_epochs": at_least(0), "clean_min_lr": at_least(0), "lambdas": each(at_least(0)),
+                                         "ablation_threats": each(one_of(*robust_eval.THREATS)),
+                                         "ablation_mode": one_of("autoattack", "pgd"), "device": device_name}
 
 
 def plan(cfg: ExperimentConfig) -> dict[str, TrainConfig]:
@@ -109,21 +113,30 @@ def run_training(runs: dict[str, TrainConfig], cfg: ExperimentConfig, converted:
 
 
 def _backbone_weights(run_dir: Path) -> Path:
-    """The EMA backbone of a finished run as a weights file (written once, then reused), named by its
-    sha256 so that the AT runs' configs, which hold the path, change when the clean run does; `load`
-    checks the hash against the sidecar."""
+    """The EMA backbone of a finished run as a weights file, named by its sha256 (so that the AT runs' configs,
+    which hold the path, change when the clean run does). Reused only while it was exported from the run's
+    current weights and its bytes match its sidecar; else written again."""
+    source = fileio.read_json(run_dir / "ema.json", "trained model", "train the clean run first")["sha256"]
     side = run_dir / "init_backbone.json"
-    if not side.exists():
-        model, _ = load_trained(run_dir)
-        checkpoint.save_weights(run_dir / "init_backbone", models.export_deployable(model).state_dict(), {"from_run": run_dir.name})
-    return run_dir / fileio.read_json(side, "init weights record", "delete it to rewrite the init weights")["weights"]
+    if side.exists():
+        info = fileio.read_json(side, "init weights record", "delete it to rewrite the init weights")
+        path = run_dir / info.get("weights", "")
+        if info.get("from_sha256") == source and path.is_file() and fileio.sha256_file(path) == info.get("sha256"):
+            return path
+    model, _ = load_trained(run_dir)
+    return checkpoint.save_weights(run_dir / "init_backbone", models.export_deployable(model).state_dict(),
+                                   {"from_run": run_dir.name, "from_sha256": source})
 
 
 def eval_images(converted: str | Path, tcfg: TransformConfig, start: int = 0,
                 end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Images start..end of the evaluation list as tensors (resize + centre crop, [0, 1])."""
     ds = val_dataset(converted, eval_transform(tcfg))
-    idx = range(start, min(end if end is not None else len(ds), len(ds)))
+    end = len(ds) if end is None else end
+    if not 0 <= start < end <= len(ds):
+        raise fileio.PinppError(f"--start {start} --end {end}: the evaluation list has {len(ds)} images; "
+                                f"choose 0 <= start < end <= {len(ds)}")
+    idx = range(start, end)
     xs, ys = zip(*[ds[i] for i in tqdm(idx, desc="loading eval images", leave=False)])
     return torch.stack(xs), torch.tensor(ys)
 

@@ -135,6 +135,9 @@ def mvh_images(root: str | Path, dataset: str) -> pd.DataFrame:
     paths = sorted(base.rglob("*.png")) if base.is_dir() else []
     if not paths:
         raise PinppError(f"{base}: model-vs-human set {dataset!r} not found; expected {MVH_LAYOUT}")
+    bad = next((p for p in paths if len(p.name.split("_")) < 5), None)
+    if bad is not None:
+        raise PinppError(f"{bad}: not a model-vs-human image name; expected {MVH_LAYOUT}")
     keys = [image_key(p.name) for p in paths]
     return pd.DataFrame({"path": paths, "key": keys, "condition": [k.split("_")[0] for k in keys],
                          "category": [k.split("_")[1] for k in keys]})

@@ -19,10 +19,12 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import fileio
+from . import fileio, store
 from .datasets import _load_rgb
 from .human_consistency import human16_map, load_trials
 from .ood_sets import in1k_index
+
+RECORD = ".standins_done.json"  # the store's record of a finished set of stand-ins
 
 # The synthetic classes' super-categories that are PartImageNet super-categories (Table 5 uses PIN's 11).
 PIN_SUPERCATEGORIES = {"quadruped": "Quadruped", "biped": "Biped", "fish": "Fish", "bird": "Bird", "snake": "Snake",
@@ -122,13 +124,15 @@ def _save(arr: np.ndarray, path: Path) -> None:
 
 def write_standins(img_root: str | Path, val_list: str | Path, class_supercategories: str | Path, out: str | Path,
                    mvh_datasets: tuple[str, ...], seed: int = 0) -> Path:
-    """Write every stand-in under `out` (ood/<set>/..., pin_subsets/...); skipped when already complete."""
+    """Write every stand-in under `out` (ood/<set>/..., pin_subsets/...); reused while its sources (the val list,
+    its images, the super-categories) and settings are unchanged."""
     out = Path(out)
-    done = out / ".standins_done.json"
-    key = {"seed": seed, "mvh_datasets": list(mvh_datasets), "val_list": fileio.sha256_file(val_list)}
-    if done.exists() and fileio.read_json(done) == key:
-        return out
     samples = [line.split()[0] for line in Path(val_list).read_text().splitlines() if line.strip()]
+    ident = store.Identity("ood-standins", {"seed": seed, "mvh_datasets": list(mvh_datasets)},
+                           {"val_list": fileio.sha256_file(val_list), "supercategories": fileio.sha256_file(class_supercategories),
+                            "images": store.tree_digest([Path(img_root) / rel for rel in samples], img_root)})
+    if store.finished(out, ident, RECORD) is not None:
+        return out
     imgs = {rel: np.asarray(_load_rgb(Path(img_root) / rel), dtype=np.float64) / 255 for rel in samples}
     wnids = sorted({rel.split("/")[0] for rel in samples})
     a_plus = set(wnids[::2])  # a class subset, as the real ImageNet-A-Plus covers part of IN-1K
@@ -145,7 +149,7 @@ def write_standins(img_root: str | Path, val_list: str | Path, class_supercatego
             _save(crop, out / "imagenet_a_plus" / wnid / f"{stem}.JPEG")
     _write_mvh(imgs, out / "model_vs_human", mvh_datasets, seed)
     _write_class_lists(class_supercategories, wnids, out / "pin_subsets")
-    fileio.write_json(done, key)
+    store.finish(out, ident, [], {"images": len(samples)}, RECORD)
     return out
 
 

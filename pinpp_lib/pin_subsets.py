@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import re
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import robust_eval
+from . import fileio, robust_eval
 from .fileio import PinppError
 from .robust_eval import EvalConfig
 
@@ -36,10 +37,9 @@ SUPER_FORMAT = "a CSV with the header 'wnid,supercategory' and one row per class
 def read_subset(path: str | Path) -> list[str]:
     """The wnids of a subset file (see the module docstring), in file order."""
     path = Path(path)
-    if not path.exists():
-        raise PinppError(f"{path}: class-subset file not found; write {SUBSET_FORMAT} (Table 4 needs PIN's 125 classes)")
+    text = fileio.read_text(path, "class-subset file", f"write {SUBSET_FORMAT} (Table 4 needs PIN's 125 classes)")
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         w = line.split("#", 1)[0].strip()
         if w:
             if not _WNID.match(w):
@@ -53,9 +53,8 @@ def read_subset(path: str | Path) -> list[str]:
 def read_supercategories(path: str | Path) -> dict[str, str]:
     """wnid → super-category from a super-category file (see the module docstring)."""
     path = Path(path)
-    if not path.exists():
-        raise PinppError(f"{path}: super-category file not found; write {SUPER_FORMAT} (Table 5 needs PIN's 11 super-categories)")
-    with path.open(newline="") as f:
+    text = fileio.read_text(path, "super-category file", f"write {SUPER_FORMAT} (Table 5 needs PIN's 11 super-categories)")
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"wnid", "supercategory"} <= set(reader.fieldnames):
             raise PinppError(f"{path}: header {reader.fieldnames}; expected {SUPER_FORMAT}")

@@ -22,12 +22,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 
-from . import fileio, layout, masks, seg_eval, segmentation
+from . import fileio, layout, masks, seg_eval, segmentation, store
+from .checks import Checked, Rule, at_least, between
 from .datasets import list_image_folder
 
 VARIANTS = {"nocf": {"cf": False, "single_label": True}, "cf": {"cf": True, "single_label": True}}
@@ -36,11 +37,12 @@ SEG_DIRS = layout.PSEUDO_SEG_DIRS  # label folders under <converted>/train, one 
 
 
 @dataclass
-class PseudoConfig:
+class PseudoConfig(Checked):
     """Pseudo-labelling settings (our choices where the paper is silent)."""
     score_thr: float = 0.5   # a detection enters the pseudo label at this score or above
     batch_size: int = 8
     det_score_thr: float = 0.05  # RoI-head threshold before CF/argmax (as in evaluation)
+    LIMITS: ClassVar[dict[str, Rule]] = {"score_thr": between(0, 1), "batch_size": at_least(1), "det_score_thr": between(0, 1)}
 
 
 def allowed_labels(classes: list[str]) -> dict[str, list[int]]:
@@ -67,6 +69,17 @@ def compose(pred, label_ids: list[int], depth: dict[int, int], shape: tuple[int,
     for i in sorted(keep, key=lambda i: (depth[gids[i]], scores[i])):
         out[m[i].astype(bool)] = gids[i]
     return out
+
+
+MANIFEST = "seg_pseudo_manifest.json"  # under <converted>/train: the identity the pseudo labels there belong to
+
+
+def identity(run: dict, conv: Path, pc: PseudoConfig) -> store.Identity:
+    """What the pseudo labels depend on: the part model's weights, the global part ids (`parts.json`, the
+    values painted) and the thresholds. Images already labelled under the same identity are kept."""
+    return store.Identity("pseudo-labels", {"score_thr": pc.score_thr, "det_score_thr": pc.det_score_thr,
+                                            "variants": VARIANTS},
+                          {"model": run["sha256"], "parts": fileio.sha256_file(conv / "parts.json")})
 
 
 def unlabelled_images(converted: str | Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
@@ -103,13 +116,13 @@ def pseudo_label(run: dict, converted: str | Path, sc: segmentation.SegConfig, p
     """
     conv = Path(converted)
     dirs = {v: conv / "train" / d for v, d in SEG_DIRS.items()}
-    manifest = conv / "train" / "seg_pseudo_manifest.json"
-    want = {"weights_sha256": run["sha256"], "score_thr": pc.score_thr, "det_score_thr": pc.det_score_thr,
-            "variants": VARIANTS}
-    if manifest.exists() and fileio.read_json(manifest) != want:
-        raise fileio.PinppError(f"{manifest}: pseudo labels there come from another model or threshold; delete "
-                                f"{conv / 'train'}/seg_pseudo_* and the manifest to relabel")
-    fileio.write_json(manifest, want, indent=1)
+    ident = identity(run, conv, pc)
+    why = store.stale(conv / "train", ident, MANIFEST)
+    if why:  # a day of GPU work per variant: refuse rather than relabel over it
+        raise fileio.PinppError(f"{conv / 'train' / MANIFEST}: the pseudo labels there come from another part model, "
+                                f"part table or threshold ({why}); delete {conv / 'train'}/seg_pseudo_* and the "
+                                "manifest to relabel")
+    fileio.write_json(conv / "train" / MANIFEST, ident.record(), indent=1)  # written first: labels in progress are its
     n_real = sum(_link_real_labels(conv, d) for d in dirs.values()) // len(dirs)
 
     parts = fileio.read_json(conv / "parts.json", "part table", "re-run `pinpp convert`")

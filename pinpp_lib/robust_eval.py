@@ -17,15 +17,16 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from . import fileio
+from . import fileio, store
 from .attacks import pgd_linf
+from .checks import Checked, Rule, at_least, between, each, one_of
 from .fileio import PinppError
 
 THREATS: dict[str, tuple[str, float]] = {"Linf-4/255": ("Linf", 4 / 255), "L2-2.0": ("L2", 2.0),
@@ -34,7 +35,7 @@ STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Checked):
     """AutoAttack evaluation settings (defaults: the paper's protocol)."""
     threats: tuple[str, ...] = tuple(THREATS)
     mode: str = "autoattack"          # autoattack | pgd (dev only, non-standard)
@@ -42,6 +43,9 @@ class EvalConfig:
     batch_size: int = 250
     seed: int = 0
     clean_floor: float | None = None  # default: 2 × chance; below it, attacking is refused
+    LIMITS: ClassVar[dict[str, Rule]] = {"threats": each(one_of(*THREATS)), "mode": one_of("autoattack", "pgd"),
+                                         "pgd_steps": at_least(1), "batch_size": at_least(1), "seed": at_least(0),
+                                         "clean_floor": between(0, 1)}
 
 
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
@@ -75,10 +79,12 @@ def paired_diff_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int =
 
 
 def _autoattack_stages(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str, eps: float, cfg: EvalConfig,
-                       state_path: Path, device: torch.device) -> dict[str, list[bool]]:
+                       state_path: Path, ident: store.Identity, device: torch.device) -> dict[str, list[bool]]:
     from pyautoattack import AutoAttack
     logging.getLogger("auto-attack").setLevel(logging.WARNING)
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if state.get("identity") != ident.sha256:  # a resume point of another model, image set or setting: start over
+        state = {"identity": ident.sha256}
     if "clean" not in state:
         state["clean"] = (predict(model, x.to(device), cfg.batch_size) == y).tolist()
         fileio.write_json(state_path, state)
@@ -95,19 +101,30 @@ def _autoattack_stages(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm:
             robust[idx] = predict(model, x_adv, cfg.batch_size) == y[idx]
         state[stage] = robust.tolist()
         fileio.write_json(state_path, state)  # resume point: the next stage
-    return state
+    return {k: v for k, v in state.items() if k != "identity"}
+
+
+def identity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: str, cfg: EvalConfig, start: int) -> store.Identity:
+    """What a shard's records depend on: the model's weights, the images and labels, the threat and the attack settings."""
+    settings = {"threat": threat, "mode": cfg.mode, "seed": cfg.seed, "batch_size": cfg.batch_size, "start": start, "n": len(x)}
+    if cfg.mode == "pgd":
+        settings["pgd_steps"] = cfg.pgd_steps
+    return store.Identity("robust-eval", settings, {"model": store.module_digest(model), "images": store.tensor_digest(x),
+                                                    "labels": store.tensor_digest(y)})
 
 
 def evaluate_threat(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: str, cfg: EvalConfig,
                     work_dir: Path, start: int = 0, device: str | torch.device = "cpu") -> list[dict[str, Any]]:
-    """Per-image records for one threat model on images x (indices start..start+len(x) of the list)."""
+    """Per-image records for one threat model on images x (indices start..start+len(x) of the list); reused
+    only for the same weights, images and settings (`identity`)."""
     norm, eps = THREATS[threat]
     device = torch.device(device)
     model = model.to(device).eval()
     tag = f"{threat.replace('/', '_')}_{cfg.mode}_{start}-{start + len(x)}"
-    done = work_dir / f"records_{tag}.json"
-    if done.exists():
-        return fileio.read_json(done)
+    ident = identity(model, x, y, threat, cfg, start)
+    done = store.finished(work_dir, ident, f"records_{tag}.json")
+    if done is not None:
+        return done["records"]
     if cfg.mode == "pgd":
         if norm != "Linf":
             raise PinppError(f"PGD dev mode supports L∞ threats only, not {threat}; use mode=autoattack")
@@ -116,12 +133,13 @@ def evaluate_threat(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: 
                                  cfg.pgd_steps, 2.5 * eps / cfg.pgd_steps).cpu() for i in range(0, len(x), cfg.batch_size)])
         stages = {"clean": clean.tolist(), f"pgd-{cfg.pgd_steps}": (clean & (predict(model, xa.to(device)) == y)).tolist()}
     else:
-        stages = _autoattack_stages(model, x, y, norm, eps, cfg, work_dir / f"._state_{tag}.json", device)
+        stages = _autoattack_stages(model, x, y, norm, eps, cfg, work_dir / f"._state_{tag}.json", ident, device)
     names = [k for k in stages if k != "clean"]
     records = [{"index": start + i, "label": int(y[i]), "threat": threat, "standard": cfg.mode == "autoattack",
                 "clean": bool(stages["clean"][i]), **{s: bool(stages[s][i]) for s in names},
                 "robust": bool(stages[names[-1]][i]) if names else bool(stages["clean"][i])} for i in range(len(x))]
-    fileio.write_json(done, records)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    store.finish(work_dir, ident, [], {"records": records}, f"records_{tag}.json")
     (work_dir / f"._state_{tag}.json").unlink(missing_ok=True)
     return records
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import torch.nn as nn
 
 from . import fileio, human_consistency, robust_eval
+from .checks import Checked, Rule, at_least, between, each, one_of
 from . import mpm_experiments as mx
 from .corruptions import CORRUPTIONS
 from .robust_eval import EvalConfig
@@ -35,7 +36,7 @@ MODELS = {"vanilla": "clean_vanilla", "MPM": "clean_mpm", "vanilla AT": "at_plai
 
 
 @dataclass
-class RobustnessConfig:
+class RobustnessConfig(Checked):
     """Notebook 06 settings. Dataset paths default to `<data root>/ood/<name>` (see `path`)."""
     corruptions: tuple[str, ...] = CORRUPTIONS
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)
@@ -51,6 +52,9 @@ class RobustnessConfig:
     subset_eval: EvalConfig = field(default_factory=lambda: EvalConfig(threats=("Linf-4/255",)))
     batch_size: int = 250
     seed: int = 0
+    LIMITS: ClassVar[dict[str, Rule]] = {"corruptions": each(one_of(*CORRUPTIONS)), "severities": each(between(1, 5)),
+                                         "mvh_datasets": each(one_of(*MVH_DATASETS)), "batch_size": at_least(1),
+                                         "seed": at_least(0)}
 
     def path(self, name: str, data_root: str | Path) -> Path:
         """Where dataset `name` is read from: the explicit setting, else its default under the data root."""

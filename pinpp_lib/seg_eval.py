@@ -25,7 +25,7 @@ import torch
 from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
-from . import fileio, segmentation
+from . import fileio, segmentation, store
 from .segmentation import CONFIGS
 
 IOU_TYPES = {"segm": "mask", "bbox": "box"}
@@ -152,15 +152,17 @@ def detections_path(run: dict, eval_task: str, split: str, variants: dict[str, d
 
 def detections(run: dict, converted: str | Path, split: str, eval_task: str, sc: segmentation.SegConfig,
                variants: dict[str, dict] | None = None, allowed: dict[str, list[int]] | None = None) -> dict[str, list[dict]]:
-    """Per-detection records of a run on `<eval_task>_<split>.json`, per variant, cached in the run folder
-    (keyed by the weights' sha256); category ids are those of the evaluated file, matched by name."""
+    """Per-detection records of a run on `<eval_task>_<split>.json`, per variant, cached in the run folder and
+    reused only for the same weights, benchmark file, filter and threshold (`store`); category ids are those of
+    the evaluated file, matched by name."""
     variants = variants or PLAIN
     gt_file = segmentation.annotation_file(converted, eval_task, split)
     cache = detections_path(run, eval_task, split, variants)
-    if cache.exists():
-        old = fileio.read_json(cache)
-        if old.get("sha256") == run["sha256"] and old.get("variants") == variants and old.get("score_thr") == sc.score_thr:
-            return old["detections"]
+    ident = store.Identity("detections", {"variants": variants, "score_thr": sc.score_thr, "allowed": allowed},
+                           {"model": run["sha256"], "benchmark_file": fileio.sha256_file(gt_file)})
+    done = store.finished(cache.parent, ident, cache.name)
+    if done is not None:  # the same weights, benchmark file, filter and threshold
+        return done["detections"]
     gt_cats = {c["name"]: c["id"] for c in segmentation.categories(gt_file)}
     # label → category id of the evaluated file; -1 = a category that file does not score (dropped)
     cat_ids = [gt_cats.get(name, -1) for name in run["classes"]]
@@ -177,8 +179,8 @@ def detections(run: dict, converted: str | Path, split: str, eval_task: str, sc:
             raise fileio.PinppError(f"{it['img_path']}: {err}; restore the image (it is part of the benchmark split)")
         for v, p in preds.items():
             out[v] += [d for d in to_coco_detections(p, it["img_id"], cat_ids) if d["category_id"] != -1]
-    fileio.write_json(cache, {"sha256": run["sha256"], "variants": variants, "score_thr": sc.score_thr, "images": len(items),
-                              "seconds": round(time.time() - t0, 2), "detections": out})
+    store.finish(cache.parent, ident, [], {"images": len(items), "seconds": round(time.time() - t0, 2), "detections": out},
+                 cache.name)
     return out
 
 

@@ -14,17 +14,17 @@ checked against the sha256) with `done.json`. A folder refuses a run with anothe
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from . import checkpoint, fileio
+from . import checkpoint, fileio, store
+from .checks import Checked, Rule, above, all_of, at_least, between, device_name, each, one_of, ordered
 from .fileio import PinppError
 
 CONFIGS = {  # config file → row label of Tables 9 and 10
@@ -39,7 +39,7 @@ TASKS = ("parts", "objects", "objects+parts")
 
 
 @dataclass
-class SegConfig:
+class SegConfig(Checked):
     """Segmentation-benchmark settings. Defaults: the authors' recipe (facts §3) at full size."""
     models: tuple[str, ...] = tuple(CONFIGS)         # Table 9 rows
     object_models: tuple[str, ...] = tuple(CONFIGS)  # Table 10 rows (each trained object-only and object+part)
@@ -64,6 +64,13 @@ class SegConfig:
     test_batch: int = 8
     score_thr: float = 0.05      # evaluation: COCO-style, up to 100 detections per image
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    LIMITS: ClassVar[dict[str, Rule]] = {
+        "models": each(one_of(*CONFIGS)), "object_models": each(one_of(*CONFIGS)), "pseudo_model": one_of(*CONFIGS),
+        "seeds": each(at_least(0)), "image_size": at_least(32), "batch_size": at_least(1), "lr": above(0), "iters": at_least(1),
+        "lr_steps": all_of(each(between(0, 1)), ordered), "warmup_iters": at_least(0), "weight_decay": at_least(0),
+        "width": above(0), "vit_depth": at_least(1), "num_fed_classes": at_least(1), "rois_per_image": at_least(1),
+        "rfs_threshold": at_least(0), "workers": at_least(0), "ckpt_every": at_least(1), "log_every": at_least(1),
+        "test_batch": at_least(1), "score_thr": between(0, 1), "device": device_name}
 
 
 def config_path(name: str) -> Path:
@@ -229,25 +236,34 @@ def run_dir(work: str | Path, name: str, task: str, seed: int) -> Path:
     return Path(work) / task / f"{name}_seed{seed}"
 
 
-def _identity(name: str, task: str, seed: int, sc: SegConfig, ann_file: Path) -> dict[str, Any]:
-    """What makes two runs the same run (the device and loader workers do not)."""
+def _identity(name: str, task: str, seed: int, sc: SegConfig, ann_file: Path) -> store.Identity:
+    """What makes two runs the same run: the config, task, seed, settings (not the device or loader workers)
+    and the bytes of the training file."""
     d = {k: v for k, v in dataclasses.asdict(sc).items()
          if k not in ("models", "object_models", "pseudo_model", "seeds", "workers", "device", "test_batch", "score_thr", "log_every")}
-    return json.loads(json.dumps({"config": name, "task": task, "seed": seed, "seg": d, "train_file": ann_file.name,
-                                  "train_file_bytes": ann_file.stat().st_size}))
+    return store.Identity("seg-train", {"config": name, "task": task, "seed": seed, "seg": d, "train_file": ann_file.name},
+                          {"train_file": fileio.sha256_file(ann_file)})
+
+
+STARTED = "run_identity.json"  # written when a run starts: its checkpoints belong to this identity
 
 
 def train(name: str, task: str, converted: str | Path, work: str | Path, sc: SegConfig, seed: int = 0) -> dict[str, Any]:
-    """Train (or resume, or reuse) one run; return its `done.json` record (weights path, sha256, ...)."""
+    """Train (or resume, or reuse) one run; return its `done.json` record (weights path, sha256, ...).
+
+    A finished run is reused only for the same identity with its weights intact; weights gone missing are
+    rewritten from the last checkpoint (kept for that); a folder of another identity is refused in one line
+    (it holds a user's training)."""
     out = run_dir(work, name, task, seed)
     ann = annotation_file(converted, task, "train")
     ident = _identity(name, task, seed, sc, ann)
-    started = out / "run_identity.json"
-    if started.exists() and fileio.read_json(started) != ident:
-        raise PinppError(f"{out}: holds a run with another configuration ({started}); delete the folder or choose another work dir")
-    done = out / "done.json"
-    if done.exists():
-        return fileio.read_json(done)
+    done = store.finished(out, ident)
+    if done is not None:
+        return done
+    why = store.stale(out, ident) or store.stale(out, ident, STARTED)
+    if why:
+        raise PinppError(f"{out}: holds a run with another configuration or training file ({why}); delete the folder "
+                         "or choose another work dir")
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = 0
     if world > 1:  # under torchrun: the process group first (mmengine's own init assumes a GPU per process)
@@ -256,7 +272,7 @@ def train(name: str, task: str, converted: str | Path, work: str | Path, sc: Seg
     cfg = build_config(name, task, converted, out, sc, seed, world)
     check_pretrained(cfg)
     if rank == 0:
-        fileio.write_json(started, ident, indent=1)
+        fileio.write_json(out / STARTED, ident.record(), indent=1)
         fileio.write_text(out / "config.py", cfg.pretty_text)
     allow_mmengine_checkpoints()
     from mmengine.runner import Runner
@@ -270,16 +286,15 @@ def train(name: str, task: str, converted: str | Path, work: str | Path, sc: Seg
         cats = categories(ann)
         meta = {"config": name, "task": task, "seed": seed, "iters": sc.iters, "classes": [c["name"] for c in cats],
                 "cat_ids": [c["id"] for c in cats], "train_file": str(ann), "train_seconds": round(time.time() - t0, 1),
-                "processes": world, "identity": ident}
-        checkpoint.save_weights(out / "weights", state["state_dict"], meta)
-        result = {**fileio.read_json(out / "weights.json"), "out": str(out)}  # meta + weights name + sha256
-        fileio.write_json(done, result, indent=1)
-        for ck in out.glob("iter_*.pth"):  # resume points are moot once the weights exist
-            ck.unlink()
-        (out / "last_checkpoint").unlink(missing_ok=True)
+                "processes": world}
+        w = checkpoint.save_weights(out / "weights", state["state_dict"], meta)
+        result = store.finish(out, ident, [w], {**fileio.read_json(out / "weights.json"), "out": str(out)})
+        for ck in out.glob("iter_*.pth"):  # earlier resume points are moot; the last one can rewrite the weights
+            if ck.resolve() != last.resolve():
+                ck.unlink()
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return result if rank == 0 else fileio.read_json(done)
+    return result if rank == 0 else store.read(out)
 
 
 def load_model(run: str | Path | dict, device: str = "cpu"):

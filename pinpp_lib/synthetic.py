@@ -19,22 +19,25 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import shutil
 import sys
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from . import fileio
+from . import fileio, store
+from .checks import Checked, Rule, at_least, between
 from .masks import paint_order
 from .synthetic_shapes import SHAPES, ClassTemplate, Placement, class_template, clip_polygon, polygon_area, shape_polygon
 
 
 @dataclass
-class SynthConfig:
+class SynthConfig(Checked):
     """Size and seed of a synthetic release (the smoke profile sets its own sizes in `config`)."""
     classes: int = 8
     images_per_class: int = 24
@@ -46,6 +49,10 @@ class SynthConfig:
     multi_instance_rate: float = 0.2  # share of images with two objects
     hide_rate: float = 0.1            # chance that a part instance is hidden (occluded/out of view)
     jpeg_quality: int = 90
+    LIMITS: ClassVar[dict[str, Rule]] = {"classes": between(1, 1000), "images_per_class": at_least(1),
+                                         "unannotated_per_class": at_least(0), "val_per_class": at_least(0), "size": at_least(16),
+                                         "seed": at_least(0), "discard_rate": between(0, 1), "multi_instance_rate": between(0, 1),
+                                         "hide_rate": between(0, 1), "jpeg_quality": between(1, 100)}
 
 
 def imagenet_classes() -> list[dict]:
@@ -193,20 +200,25 @@ def _class_job(args: tuple) -> dict:
             "inclusion": inclusion, "discarded": discarded, "val": val}
 
 
+RECORD = "synth_config.json"  # the store's record of a finished tree
+
+
 def generate(out: str | Path, cfg: SynthConfig | None = None, workers: int = 1) -> Path:
     """Write a synthetic release + ImageNet-layout images under `out` (deterministic for cfg.seed).
 
-    Returns `out`. A finished tree carries `synth_config.json`; generating again with the same
-    config is a no-op, with another config an error (use a fresh folder).
+    Returns `out`. A finished tree carries its record `synth_config.json` (`store`): generating again with
+    the same config onto intact files is a no-op; another config, or a generated file changed since, makes
+    the kit delete its own tree (`release/`, `imagenet/`) and generate it again.
     """
     cfg = cfg or SynthConfig()
     out = Path(out)
-    stamp = out / "synth_config.json"
-    if stamp.exists():
-        if fileio.read_json(stamp) == asdict(cfg):
-            return out
-        raise fileio.PinppError(f"{out}: holds a synthetic dataset made with another config ({stamp}); "
-                                "choose a fresh --out or delete the folder")
+    ident = store.Identity("synth", asdict(cfg))
+    if store.finished(out, ident, RECORD) is not None:
+        return out
+    if store.read(out, RECORD) is not None:  # the kit's own earlier tree: regenerate, never mix two configs
+        for sub in ("release", "imagenet"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        store.forget(out, RECORD)
     classes = sorted(synth_classes(cfg.classes))  # sorted wnids = label order, as in ImageFolder
     jobs = [(i, c, cfg, out, i * cfg.val_per_class) for i, c in enumerate(classes)]
     if workers > 1:
@@ -227,5 +239,5 @@ def generate(out: str | Path, cfg: SynthConfig | None = None, workers: int = 1) 
                        for r in results}, indent=1)
     fileio.write_text(out / "imagenet" / "val_list.txt", "".join(f"{v}\n" for r in results for v in r["val"]))
     fileio.write_json(out / "class_supercategories.json", {r["wnid"]: r["supercategory"] for r in results}, indent=1)
-    fileio.write_json(stamp, asdict(cfg), indent=1)
+    store.finish(out, ident, sorted(rel.rglob("*.json")) + [out / "imagenet" / "val_list.txt"], {"config": asdict(cfg)}, RECORD)
     return out

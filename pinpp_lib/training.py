@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -40,15 +39,16 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from . import checkpoint, fileio, layout, models
+from . import checkpoint, fileio, layout, models, store
 from .attacks import pgd_linf
-from .datasets import PartSegDataset, TransformConfig, require_train_labels, train_transform
+from .datasets import PartSegDataset, TransformConfig, fingerprint, require_train_labels, train_transform
+from .checks import Checked, Rule, above, at_least, between, one_of
 from .fileio import PinppError
 from .losses import mpm_loss
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Checked):
     """One training run. Defaults: the paper's AT recipe for MPM on ResNet-50-GELU (authors' code where the
     paper is silent; docs/FIDELITY.md)."""
     variant: str = "mpm"              # plain | mpm | mpm_sv1 | mpm_sv2 | mpm_sv3_notd | twostage
@@ -91,9 +91,15 @@ class TrainConfig:
     log_every: int = 10
     transform: TransformConfig = field(default_factory=TransformConfig)
 
-    def __post_init__(self) -> None:
-        if self.attack_warmup not in ("epoch", "step"):  # checked here, not after the data has loaded
-            raise PinppError(f"attack_warmup={self.attack_warmup!r}: choose 'epoch' (the authors') or 'step' (linear per step)")
+    LIMITS: ClassVar[dict[str, Rule]] = {
+        "variant": one_of(*models.VARIANTS), "arch": one_of("r50", "tiny"), "epochs": at_least(0), "batch_size": at_least(1),
+        "lr": above(0), "lr_ref_batch": at_least(1), "min_lr": at_least(0), "warmup_lr": at_least(0),
+        "momentum": between(0, 1), "weight_decay": at_least(0), "warmup_epochs": at_least(0), "ema_decay": between(0, 1),
+        "label_smoothing": between(0, 0.999), "lam": at_least(0), "gamma": at_least(0), "eps": at_least(0),
+        "attack_steps": at_least(1), "attack_step_size": at_least(0), "attack_warmup_epochs": at_least(0),
+        "attack_warmup": one_of("epoch", "step"), "attack_label_smoothing": between(0, 0.999),
+        "init_stage_epochs": at_least(0), "init_stage_re_prob": between(0, 1), "ckpt_every": at_least(1),
+        "workers": at_least(0), "log_every": at_least(1), "seed": at_least(0)}
 
     @property
     def part_supervised(self) -> bool:
@@ -223,19 +229,20 @@ def _reduce_bn(module: nn.Module, world: int) -> None:
 def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = True) -> dict[str, Any]:
     """Train one model on the converted data at `data`; write checkpoints and final weights to `out`."""
     out = Path(out)
-    done = out / "done.json"
-    wanted = json.loads(json.dumps(_jsonable(cfg)))
-    if done.exists() and resume:
-        old = fileio.read_json(done)
-        if old["config"] != wanted:
-            raise PinppError(f"{out}: holds a finished run with another config; delete the folder, "
-                             "choose another --work, or pass --restart")
-        return old
     if cfg.part_supervised:
         require_train_labels(data, cfg.seg_dir)
+    base = PartSegDataset(data, object_mask=cfg.object_mask, seg_dir=cfg.seg_dir if cfg.part_supervised else None)
+    ident = identity(cfg, base)
+    if resume:
+        rec = store.finished(out, ident)
+        if rec is not None:
+            return rec
+        why = store.stale(out, ident)
+        if why:
+            raise PinppError(f"{out}: holds a finished run whose {why}; delete the folder, choose another --work, "
+                             "or pass --restart to retrain it")
     rank, world, device = setup_distributed()
     cuda = device.type == "cuda"
-    base = PartSegDataset(data, object_mask=cfg.object_mask, seg_dir=cfg.seg_dir if cfg.part_supervised else None)
     ds = EpochSeeded(base, cfg.seed)
     num_classes = len(base.classes)
     seg_classes = num_classes + 1 if cfg.object_mask else base.num_parts + 1
@@ -258,9 +265,10 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = Tr
     state = checkpoint.latest(out) if resume else None
     pos = {"stage": 0, "epoch": 0, "batch": 0, "step": 0} if state is None else state["pos"]
     log: list[dict[str, float]] = [] if state is None else list(state["log"])
-    if state is not None and state["config"] != wanted:
-        raise PinppError(f"{out}: its checkpoints come from another config; delete the folder or pass --restart")
-    ema = None  # the main stage's EMA starts from the init stage's result (authors: a separate run without EMA)
+    if state is not None and state.get("identity") != ident.sha256:
+        raise PinppError(f"{out}: its checkpoints come from another config, other data or other init weights; "
+                         "delete the folder or pass --restart")
+    ema, opt = None, None  # the main stage's EMA starts from the init stage's result (authors: a separate run without EMA)
     if state is not None:
         model.load_state_dict(state["model"])
         if state["ema"] is not None:
@@ -316,9 +324,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = Tr
                                 "train_acc": (logits.argmax(1) == y).float().mean().item()})
                     bar.set_postfix(loss=f"{loss.item():.3f}")
                 if pos["step"] % cfg.ckpt_every == 0 and rank == 0:
-                    checkpoint.save(out, {"model": model.state_dict(), "ema": ema.state_dict() if ema else None,
-                                          "optimizer": opt.state_dict(), "pos": pos, "log": log,
-                                          "config": _jsonable(cfg)}, pos["step"])
+                    _save_checkpoint(out, model, ema, opt, pos, log, ident)
             if world > 1 and cfg.dist_bn:
                 for mod in (model, ema.module if ema else None):
                     if mod is not None:
@@ -329,20 +335,39 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = Tr
 
     result: dict[str, Any] = {}
     if rank == 0:
+        if opt is not None:  # trained now: the final state is kept as the only resume point, so that final
+            _save_checkpoint(out, model, ema, opt, pos, log, ident, keep=1)  # weights gone missing are rewritten from it
         final = ema.module if ema is not None else model
         meta = {"variant": cfg.variant, "arch": cfg.arch, "num_classes": num_classes, "seg_classes": seg_classes,
                 "classes": base.classes, "steps": pos["step"], "config": _jsonable(cfg),
                 "params": models.count_params(model), "deployable_params": models.deployed_params(model)}
         w = checkpoint.save_weights(out / "ema", {k: v.cpu() for k, v in final.state_dict().items()}, meta)
         fileio.write_json(out / "train_log.json", log)
-        result = {**meta, "weights": str(w), "out": str(out)}
-        fileio.write_json(done, result, indent=1)
-        for ck in out.glob("ckpt_*.pt"):  # resume points are moot once the final weights exist
-            ck.unlink()
-        (out / "latest.json").unlink(missing_ok=True)
+        sha = fileio.read_json(out / "ema.json")["sha256"]  # save_weights' sidecar
+        result = store.finish(out, ident, [w], {**meta, "weights": str(w), "sha256": sha, "out": str(out)})
     if dist.is_initialized():
         dist.barrier()
-    return result if rank == 0 else fileio.read_json(done)
+    return result if rank == 0 else store.read(out)
+
+
+def _save_checkpoint(out: Path, model: nn.Module, ema: checkpoint.EMA | None, opt: torch.optim.Optimizer,
+                     pos: dict[str, int], log: list, ident: store.Identity, keep: int = 2) -> None:
+    checkpoint.save(out, {"model": model.state_dict(), "ema": ema.state_dict() if ema else None, "optimizer": opt.state_dict(),
+                          "pos": pos, "log": log, "identity": ident.sha256}, pos["step"], keep)
+
+
+def identity(cfg: TrainConfig, data: PartSegDataset) -> store.Identity:
+    """What a run's weights depend on: its config, the training data (`datasets.fingerprint`) and the bytes of
+    its init weights (a kit run's weights file, a user's file; torchvision's are fixed by their name)."""
+    init = cfg.init if cfg.init in ("none", "torchvision_v2") else fileio.sha256_file(_existing(cfg.init, "init weights"))
+    return store.Identity("mpm-train", _jsonable(cfg), {**fingerprint(data), "init": init})
+
+
+def _existing(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise PinppError(f"{p}: {what} not found; check the path (--set init=...) or use init=none / torchvision_v2")
+    return p
 
 
 def _jsonable(cfg: TrainConfig) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from pinpp_lib.convert import ConvertConfig, convert
 from pinpp_lib.synthetic import SynthConfig, generate
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = SynthConfig(classes=6, images_per_class=10, unannotated_per_class=3, val_per_class=2, size=64, seed=3,
                     discard_rate=0.1)
 
@@ -58,3 +60,24 @@ def release_copy(synth, tmp_path) -> Path:
     dst = tmp_path / "syn"
     shutil.copytree(synth, dst)
     return dst
+
+
+def scratch_kit(tmp_path: Path, notebooks: dict[str, str]) -> Path:
+    """A copy of run_all.sh with a no-op setup step, the real venv, and the given notebooks."""
+    import nbformat
+    kit = tmp_path / "kit"
+    (kit / "scripts").mkdir(parents=True)
+    (kit / "notebooks").mkdir()
+    shutil.copy(ROOT / "run_all.sh", kit / "run_all.sh")
+    (kit / "scripts" / "setup_env.sh").write_text("#!/usr/bin/env bash\n")
+    (kit / "scripts" / "setup_env.sh").chmod(0o755)
+    (kit / ".venv").symlink_to(Path(sys.prefix))
+    for name, code in notebooks.items():
+        n = nbformat.v4.new_notebook()
+        n.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                      "language_info": {"name": "python"}}
+        params = nbformat.v4.new_code_cell('PROFILE = "smoke"\nDATA_ROOT = None\nRESULTS_DIR = None')
+        params.metadata["tags"] = ["parameters"]
+        n.cells = [params, nbformat.v4.new_code_cell(code)]
+        nbformat.write(n, kit / "notebooks" / name)
+    return kit

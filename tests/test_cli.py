@@ -29,7 +29,7 @@ def test_usage_errors():
     r = _pinpp("convert", "--annotations", "x")
     assert r.returncode == 2 and "required" in r.stderr
     r = _pinpp("synth", "--out", "/tmp/never-made", "--classes", "0")
-    assert r.returncode == 2 and r.stderr.strip() == "pinpp synth: error: --classes 0: choose between 1 and 1000"
+    assert r.returncode == 2 and r.stderr.strip() == "pinpp synth: error: SynthConfig.classes = 0: expected a value between 1 and 1000; set a valid value"
 
 
 def test_human_consistency_command(tmp_path):

@@ -13,13 +13,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 from PIL import Image, ImageDraw
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from pinpp_lib.convert import ConvertConfig, convert
-from pinpp_lib.fileio import PinppError
 from pinpp_lib.synthetic import SynthConfig, generate
 
 
@@ -180,12 +177,36 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)  # kill -9 in the middle of rasterising
     proc.wait()
-    assert not json.loads((out / "convert_manifest.json").read_text())["complete"]
+    assert not (out / "convert_manifest.json").exists()  # not finished: no record
     convert(args[0], args[1], out, args[2], args[3])
     assert _tree_digest(out) == _tree_digest(ref)
     assert not [p for p in out.rglob("._tmp*")]
 
 
-def test_refuses_other_inputs_into_same_out(synth, converted):
-    with pytest.raises(PinppError, match="other inputs"):
-        convert(synth / "release", synth / "imagenet" / "train", converted, cfg=ConvertConfig(seed=99))
+def test_changed_inputs_are_converted_again(release_copy, tmp_path):
+    """A finished conversion is reused only while its inputs are unchanged: a record fixed after --skip-bad,
+    a skipped image restored, another option — each gives what a fresh conversion gives."""
+    rel, train = release_copy / "release", release_copy / "imagenet" / "train"
+    out = tmp_path / "out"
+    first = convert(rel, train, out, cfg=ConvertConfig(seed=1))
+    assert convert(rel, train, out, cfg=ConvertConfig(seed=1)) == first  # reused
+    f = sorted((rel / "json").glob("*.json"))[0]
+    data = json.loads(f.read_text())
+    good = data["annotations"][0]["segmentation"]
+    data["annotations"][0]["segmentation"] = [[1.0, 2.0, 3.0, 4.0]]  # 2 points: a bad polygon
+    f.write_text(json.dumps(data))
+    skipped = convert(rel, train, out, cfg=ConvertConfig(seed=1, strict=False))
+    assert skipped["skipped_records"] == 1
+    data["annotations"][0]["segmentation"] = good  # the record fixed
+    f.write_text(json.dumps(data))
+    assert convert(rel, train, out, cfg=ConvertConfig(seed=1, strict=False))["skipped_records"] == 0
+    discarded = {d["file_name"] for d in json.loads((rel / "discarded_data.json").read_text())}
+    img = train / next(im["file_name"] for im in data["images"] if im["file_name"] not in discarded)
+    hidden = img.with_name("hidden.bak")
+    img.rename(hidden)  # a missing image: skipped with --skip-bad
+    assert convert(rel, train, out, cfg=ConvertConfig(seed=1, strict=False))["images"] == first["images"] - 1
+    hidden.rename(img)  # restored: no longer reported missing
+    assert convert(rel, train, out, cfg=ConvertConfig(seed=1, strict=False))["images"] == first["images"]
+    other = convert(rel, train, out, cfg=ConvertConfig(seed=99))
+    assert other == convert(rel, train, tmp_path / "fresh", cfg=ConvertConfig(seed=99))
+    assert _tree_digest(out) == _tree_digest(tmp_path / "fresh")

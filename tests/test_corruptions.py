@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
-import torch
 
 from pinpp_lib import corruptions as C
 from pinpp_lib.fileio import PinppError

@@ -39,8 +39,10 @@ def test_stored_episodes_replay_identically(tmp_path):
     assert random.getstate() == before  # the caller's RNG is untouched
     assert fd.draw_episodes(TARGETS, 5, 1, 4, 12, seed=3) == a  # and redrawing gives the same episodes
     assert fd.draw_episodes(TARGETS, 5, 1, 4, 12, seed=4) != a
-    with pytest.raises(PinppError, match="stored episodes are for"):
-        fd.episodes(path, TARGETS, 5, 5, 4, 12, seed=3)
+    five = fd.episodes(path, TARGETS, 5, 5, 4, 12, seed=3)  # another request: drawn again, not the stored ones
+    assert five == fd.draw_episodes(TARGETS, 5, 5, 4, 12, seed=3) != a
+    relabelled = TARGETS[1:] + TARGETS[:1]
+    assert fd.episodes(path, relabelled, 5, 5, 4, 12, seed=3) == fd.draw_episodes(relabelled, 5, 5, 4, 12, seed=3)
     with pytest.raises(PinppError, match="needs 5 classes with 20 images"):
         fd.draw_episodes(TARGETS, 5, 5, 15, 1, 0)
 
@@ -140,5 +142,5 @@ def test_tiny_train_and_evaluate(synth, tmp_path):
     assert list(table.columns[:3]) == ["method", "regions", "1-shot accuracy"] and len(table) == 4
     with pytest.raises(PinppError, match="class split"):
         fs.run(samples, dataclasses.replace(cfg, split=(5, 0, 3)), tmp_path / "x")
-    with pytest.raises(PinppError, match="trained with another configuration"):
+    with pytest.raises(PinppError, match=r"trained with another configuration or other samples \(changed: config.pretrain_lr"):
         fs.run(samples, dataclasses.replace(cfg, pretrain_lr=0.5), tmp_path)

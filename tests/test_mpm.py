@@ -122,11 +122,11 @@ def test_train_writes_weights_only_checkpoints(converted, tmp_path, monkeypatch)
     monkeypatch.setattr(T.checkpoint, "save", recording_save)
     r = train(_cfg(), converted, tmp_path / "run")
     assert r["steps"] > 0 and json.loads((tmp_path / "run" / "done.json").read_text())["weights"]
-    assert seen and not list((tmp_path / "run").glob("ckpt_*.pt"))  # removed once the run is done
+    assert seen and len(list((tmp_path / "run").glob("ckpt_*.pt"))) == 1  # only the final state is kept
     m, meta = load_trained(tmp_path / "run")
     assert meta["num_classes"] == 6 and not m.training
     assert train(_cfg(), converted, tmp_path / "run") == r  # finished: a no-op
-    with pytest.raises(PinppError, match="another config"):
+    with pytest.raises(PinppError, match=r"holds a finished run whose changed: lam 1.0 → 2.0"):
         train(_cfg(lam=2.0), converted, tmp_path / "run")
     ck = real_save(tmp_path / "c", {"w": torch.ones(2)}, 7)
     bad = ck.with_name(ck.name.replace(ck.stem.rsplit("_", 1)[1], "0" * 12))

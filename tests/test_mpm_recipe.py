@@ -9,7 +9,6 @@ import shutil
 
 import numpy as np
 import pytest
-import timm
 from timm.loss import SoftTargetCrossEntropy
 import torch
 import torch.nn as nn
@@ -159,7 +158,7 @@ def test_attack_step_warmup_per_epoch():
         assert attack_step_at(cfg, epoch, 0, 10) == pytest.approx(step * min(epoch, 2) / (2 + 1e-10), abs=0)
     lin = dataclasses.replace(cfg, attack_warmup="step")
     assert attack_step_at(lin, 0, 9, 10) == pytest.approx(step * 10 / 20)
-    with pytest.raises(PinppError, match="choose 'epoch'"):
+    with pytest.raises(PinppError, match="expected one of 'epoch', 'step'"):
         dataclasses.replace(cfg, attack_warmup="linear")
 
 

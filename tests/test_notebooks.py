@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
@@ -16,6 +13,8 @@ import papermill as pm
 import pytest
 
 from pinpp_lib import release, stats
+
+from conftest import scratch_kit
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -194,29 +193,9 @@ def test_few_shot_notebook(smoke_run):
     _assert_real_figure(results / "fig_few_shot_parts.png")
 
 
-def _scratch_kit(tmp_path: Path, notebooks: dict[str, str]) -> Path:
-    """A copy of run_all.sh with a no-op setup step, the real venv, and the given notebooks."""
-    kit = tmp_path / "kit"
-    (kit / "scripts").mkdir(parents=True)
-    (kit / "notebooks").mkdir()
-    shutil.copy(ROOT / "run_all.sh", kit / "run_all.sh")
-    (kit / "scripts" / "setup_env.sh").write_text("#!/usr/bin/env bash\n")
-    (kit / "scripts" / "setup_env.sh").chmod(0o755)
-    (kit / ".venv").symlink_to(Path(sys.prefix))
-    for name, code in notebooks.items():
-        n = nbformat.v4.new_notebook()
-        n.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-                      "language_info": {"name": "python"}}
-        params = nbformat.v4.new_code_cell('PROFILE = "smoke"\nDATA_ROOT = None\nRESULTS_DIR = None')
-        params.metadata["tags"] = ["parameters"]
-        n.cells = [params, nbformat.v4.new_code_cell(code)]
-        nbformat.write(n, kit / "notebooks" / name)
-    return kit
-
-
 def test_run_all_stops_at_first_failure_and_keeps_earlier_results(tmp_path):
     write = "import pathlib; pathlib.Path('../results/{}.txt').write_text(PROFILE)"
-    kit = _scratch_kit(tmp_path, {"00_a.ipynb": write.format("a"), "01_b.ipynb": "raise RuntimeError('boom')",
+    kit = scratch_kit(tmp_path, {"00_a.ipynb": write.format("a"), "01_b.ipynb": "raise RuntimeError('boom')",
                                   "02_c.ipynb": write.format("c")})
     r = subprocess.run(["bash", str(kit / "run_all.sh")], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 1
@@ -228,7 +207,7 @@ def test_run_all_stops_at_first_failure_and_keeps_earlier_results(tmp_path):
 
 def test_run_all_only_and_profile(tmp_path):
     write = "import pathlib; pathlib.Path('../results/{}.txt').write_text(PROFILE)"
-    kit = _scratch_kit(tmp_path, {"00_a.ipynb": write.format("a"), "01_b.ipynb": write.format("b")})
+    kit = scratch_kit(tmp_path, {"00_a.ipynb": write.format("a"), "01_b.ipynb": write.format("b")})
     r = subprocess.run(["bash", str(kit / "run_all.sh"), "--only", "01", "--profile", "full"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (kit / "results" / "b.txt").read_text() == "full" and not (kit / "results" / "a.txt").exists()

@@ -177,7 +177,7 @@ def test_pseudo_labels_are_written_resumably_and_feed_mpm_training(tiny_run, con
     assert unlabelled[0][0] not in flags
     again, recs2 = pseudo_labels.pseudo_label(tiny_run, conv, TINY, pc)  # resumed: only the unreadable one is tried
     assert again["labelled now"] == 0 and again["labelled before (resumed)"] == len(unlabelled) - 1 and recs2.empty
-    with pytest.raises(PinppError, match="another model or threshold"):
+    with pytest.raises(PinppError, match=r"another part model, part table or threshold \(changed: score_thr 0.0 → 0.7\)"):
         pseudo_labels.pseudo_label(tiny_run, conv, TINY, dataclasses.replace(pc, score_thr=0.7))
     from pinpp_lib.datasets import PartSegDataset
     ds = PartSegDataset(conv, seg_dir="seg_pseudo_cf")
@@ -261,13 +261,13 @@ def test_every_config_trains_one_iteration_and_evaluates(name, converted, tmp_pa
     task = "objects+parts" if "cascade" in name else "parts"
     run = segmentation.train(name, task, converted, tmp_path, TINY, 0)
     assert run["iters"] == 1 and run["sha256"].startswith(run["weights"].split("_")[1][:12])
-    assert not list(Path(run["out"]).glob("iter_*.pth"))  # resume points removed once the weights exist
+    assert len(list(Path(run["out"]).glob("iter_*.pth"))) == 1  # only the last resume point is kept (to rewrite the weights)
     rows, per = seg_eval.evaluate_run(run, converted, "test", "objects" if task == "objects+parts" else "parts", TINY)
     for m in seg_eval.METRICS:
         assert 0 <= rows[0][m] <= 100
     assert set(per.metric) == {"mask", "box"} and per.category.str.contains(":").sum() == (0 if task != "parts" else len(per))
     assert segmentation.train(name, task, converted, tmp_path, TINY, 0) == run  # finished: reused, not retrained
-    with pytest.raises(PinppError, match="another configuration"):
+    with pytest.raises(PinppError, match=r"another configuration or training file \(changed: seg.lr"):
         segmentation.train(name, task, converted, tmp_path, dataclasses.replace(TINY, lr=0.1), 0)
 
 
@@ -333,3 +333,31 @@ def test_pseudo_label_shards_split_the_work(tiny_run, converted, tmp_path):
     assert b["labelled now"] == 3 and b["still without a label"] == 0
     flags = [line.split()[1] for f in (conv / "train" / "whether_pseudo").glob("*.txt") for line in f.read_text().splitlines()]
     assert flags.count("1") == 6
+
+
+def test_finished_runs_and_detections_follow_their_inputs(converted, tmp_path):
+    """Weights that went missing are rewritten from the kept checkpoint; an edited training file refuses the old
+    run in one line; cached detections are recomputed for another benchmark file."""
+    conv = tmp_path / "conv"
+    shutil.copytree(converted, conv, symlinks=True)
+    cfg = dataclasses.replace(TINY, iters=2)
+    run = segmentation.train("mask_rcnn_r50_fpn", "parts", conv, tmp_path / "work", cfg, 0)
+    weights = Path(run["out"]) / run["weights"]
+    weights.unlink()
+    again = segmentation.train("mask_rcnn_r50_fpn", "parts", conv, tmp_path / "work", cfg, 0)
+    assert again["sha256"] == run["sha256"] and weights.exists()
+    dets = seg_eval.detections(again, conv, "val", "parts", cfg)
+    cache = seg_eval.detections_path(again, "parts", "val", seg_eval.PLAIN)
+    stamp = cache.stat().st_mtime_ns
+    assert seg_eval.detections(again, conv, "val", "parts", cfg) == dets and cache.stat().st_mtime_ns == stamp
+    val = conv / "seg_benchmark" / "parts_val.json"
+    coco = json.loads(val.read_text())
+    coco["images"] = coco["images"][:1]
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] == coco["images"][0]["id"]]
+    val.write_text(json.dumps(coco))
+    seg_eval.detections(again, conv, "val", "parts", cfg)
+    assert json.loads(cache.read_text())["images"] == 1  # recomputed on the edited file
+    train_file = conv / "seg_benchmark" / "parts_train.json"
+    train_file.write_text(train_file.read_text().replace('"iscrowd": 0', '"iscrowd":0'))
+    with pytest.raises(PinppError, match=r"another configuration or training file \(changed: input 'train_file'\)"):
+        segmentation.train("mask_rcnn_r50_fpn", "parts", conv, tmp_path / "work", cfg, 0)

@@ -26,9 +26,15 @@ def test_deterministic_for_a_seed(synth, tmp_path):
     assert _digest(other) != _digest(synth)
 
 
-def test_refuses_other_config_in_same_folder(synth):
-    with pytest.raises(PinppError, match="another config"):
-        generate(synth, SynthConfig(classes=2))
+def test_other_config_or_edited_files_regenerate_the_folder(tmp_path):
+    out = generate(tmp_path / "s", SMALL)
+    other = SynthConfig(**{**SMALL.__dict__, "classes": 2})
+    generate(out, other)  # the kit's own tree under another config: regenerated, never mixed
+    assert _digest(out) == _digest(generate(tmp_path / "fresh", other))
+    victim = next((out / "release" / "json").glob("*.json"))
+    victim.write_text("{}")  # a generated file edited since: not finished any more
+    generate(out, other)
+    assert _digest(out) == _digest(tmp_path / "fresh")
 
 
 def test_release_format(synth):
