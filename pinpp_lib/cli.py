@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from . import distributed
 from .fileio import PinppError
 
 
@@ -18,13 +19,6 @@ def _add_strict(p: argparse.ArgumentParser) -> None:
                    help="stop at the first bad record (default)")
     g.add_argument("--skip-bad", dest="strict", action="store_false",
                    help="drop bad records and list them in the report")
-
-
-def _end_distributed() -> None:
-    """Close the process group a torchrun job opened (NCCL warns about leaked resources otherwise)."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _cmd_synth(a: argparse.Namespace) -> int:
@@ -103,7 +97,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     if "init" not in sets:  # a user's --set init=... wins over the profile's init
         tc = mx.resolve_init(a.run, tc, s.mpm, work)
     result = train(tc, s.paths.converted, work / a.run, resume=not a.restart)
-    _end_distributed()
+    distributed.teardown()
     if result:
         print(json.dumps({k: v for k, v in result.items() if k not in ("config", "classes")}, indent=1))
     return 0
@@ -174,7 +168,7 @@ def _cmd_seg_train(a: argparse.Namespace) -> int:
     s, sc = _seg_settings(a)
     work = s.paths.work("seg", a.work)
     res = segmentation.train(a.model, a.task, s.paths.converted, work, sc, a.seed)
-    _end_distributed()
+    distributed.teardown()
     if res:
         print(json.dumps({k: v for k, v in res.items() if k not in ("classes", "cat_ids", "identity")}, indent=1))
     return 0

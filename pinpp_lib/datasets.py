@@ -23,7 +23,7 @@ from torchvision.transforms import v2
 from . import fileio, layout, masks, store
 from .checks import Checked, Rule, all_of, at_least, between, each, ordered
 from .fileio import PinppError
-from .models import IMAGENET_MEAN, IMAGENET_STD
+from .imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 IMG_EXTS = (".jpeg", ".jpg", ".png")
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import checkpoint, fileio, store
+from . import checkpoint, fileio, plots, store
 from .checks import Checked, Rule, above, at_least, device_name, each
 from .few_shot_data import PartImageDataset, Sample, class_split, draw_episodes, episodes
 from .synthetic import SynthConfig
@@ -149,10 +149,10 @@ def train_model(samples: list[Sample], cfg: FewShotConfig, method: str, variant:
     unchanged; a stage of another identity is refused in one line (it holds a trained model)."""
     work = Path(work) / f"{method}_{variant.replace('+', '_')}"
     ds = datasets(samples, cfg, method, variant, train=True)
+    torch.manual_seed(_stage_seed(cfg.seed, method, variant, "init"))  # the same initial weights whatever ran before
     model = build(method, variant, cfg)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_TRAINING}
     inputs = {"samples": store.names_digest(f"{s.wnid}/{s.path.name} {s.boxes}" for s in samples)}
-    torch.manual_seed(cfg.seed)
     for stage, run in (("pretrain", lambda: pretrain(model, ds, cfg, method)),
                        (f"meta_{shot}shot", lambda: meta_train(model, ds, cfg, method, shot))):
         ident = store.Identity("few-shot", {"method": method, "variant": variant, "stage": stage, "config": settings}, inputs)
@@ -165,11 +165,18 @@ def train_model(samples: list[Sample], cfg: FewShotConfig, method: str, variant:
             if why:
                 raise fileio.PinppError(f"{work / record}: trained with another configuration or other samples ({why}); "
                                         f"use another WORK_DIR or delete {work} to retrain")
+            torch.manual_seed(_stage_seed(cfg.seed, method, variant, stage))  # not the RNG state earlier stages left
             run()
             w = checkpoint.save_weights(work / stage, model.state_dict(), {"method": method, "variant": variant, "stage": stage})
             done = store.finish(work, ident, [w], {"weights": w.name}, record)
         inputs = {**inputs, stage: done["files"][done["weights"]]}  # meta-training depends on these weights
     return model.eval()
+
+
+def _stage_seed(seed: int, *names: str) -> int:
+    """A seed per (seed, method, variant, stage): a stage draws the same numbers whether or not the stages
+    before it ran in this process or were loaded."""
+    return int(store.digest([seed, *names])[:15], 16)
 
 
 def evaluate(model: FewShotNet, samples: list[Sample], cfg: FewShotConfig, method: str, variant: str, shot: int,
@@ -200,9 +207,7 @@ def summary_table(records: pd.DataFrame, shot: int) -> pd.DataFrame:
 
 def plot_parts(samples: list[Sample], cfg: FewShotConfig, weights: pd.DataFrame, path: str | Path, n: int = 4) -> Path:
     """Test images with their M part crops (what the branches see), and the learned branch weights."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
     import seaborn as sns
     ds = datasets(samples, cfg, "meta_baseline", "object+part", train=False)
     idx = np.linspace(0, len(ds) - 1, n).astype(int)
@@ -220,9 +225,7 @@ def plot_parts(samples: list[Sample], cfg: FewShotConfig, weights: pd.DataFrame,
     ax.set_title("learned weights", fontsize=8)
     ax.tick_params(labelsize=6)
     fig.tight_layout()
-    with fileio.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path, dpi=110)
     return Path(path)
 
 

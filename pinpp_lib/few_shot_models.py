@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models import normalise
+from .imagenet import normalise
 
 
 class ResBlock12(nn.Module):

@@ -17,7 +17,6 @@ gives the human noise ceiling (each subject against each other subject, same agg
 """
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from . import fileio
+from .imagenet import human16_map
 from .fileio import PinppError
 
 # Undistorted control condition of each parametric dataset (the others have one condition, "0").
@@ -169,12 +169,6 @@ def human_ceiling(trials: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     per = per.groupby(["dataset", "subject", "condition"], as_index=False)[
         ["accuracy_difference", "observed_consistency", "error_consistency"]].mean()
     return per, _aggregate(per)
-
-
-def human16_map() -> dict[str, list[int]]:
-    """The 16 model-vs-human categories → ImageNet-1K class indices (shipped with the kit)."""
-    with resources.files("pinpp_lib.data").joinpath("imagenet_classes_and_human16.json").open() as f:
-        return json.load(f)["human16_to_imagenet_indices"]
 
 
 def decide16(probs: np.ndarray, class_indices: list[int] | None = None) -> list[str]:

@@ -24,16 +24,9 @@ import torch.nn.functional as F
 from timm.models import register_model
 from timm.models.resnet import Bottleneck, ResNet
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .imagenet import IMAGENET_MEAN, IMAGENET_STD, normalise  # noqa: F401  (re-exported: models take [0, 1] images)
+
 TINY_CHANNELS = (16, 32, 64, 128)  # ×4 bottleneck expansion → 512-d features
-
-
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    """[0, 1] images → ImageNet-normalised (models take [0, 1] images and normalise inside)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 def _normalise_hook(module: nn.Module, args: tuple) -> tuple:

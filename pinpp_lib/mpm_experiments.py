@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, fileio, layout, models, robust_eval
+from . import checkpoint, fileio, layout, models, plots, reporting, robust_eval
 from .datasets import TransformConfig, eval_transform, require_train_labels, val_dataset
 from .checks import Checked, Rule, at_least, device_name, each, one_of
 from .robust_eval import EvalConfig
@@ -168,13 +168,9 @@ def run_evaluation(trained: dict[str, dict], cfg: ExperimentConfig, x: torch.Ten
 
 
 def _acc(records: pd.DataFrame, run: str, threat: str, col: str = "robust",
-         protocol: str = "ablation") -> tuple[float, float, float, int]:
+         protocol: str = "ablation") -> reporting.Accuracy:
     r = records[(records.run == run) & (records.threat == threat) & (records.protocol == protocol)]
-    if r[col].isna().any():  # not attacked (below the clean floor)
-        return np.nan, np.nan, np.nan, len(r)
-    k, n = int(r[col].sum()), len(r)
-    lo, hi = robust_eval.wilson(k, n)
-    return 100 * k / max(n, 1), 100 * lo, 100 * hi, n
+    return reporting.accuracy(r[col])
 
 
 def table3(records: pd.DataFrame, threats: tuple[str, ...]) -> pd.DataFrame:
@@ -183,13 +179,13 @@ def table3(records: pd.DataFrame, threats: tuple[str, ...]) -> pd.DataFrame:
     for run, label in zip(TABLE3_RUNS, ("vanilla AT", "MPM AT")):
         if run not in set(records.run):
             continue
-        row: dict[str, Any] = {"model": label, "clean": _acc(records, run, threats[0], "clean", "table3")[0]}
+        row: dict[str, Any] = {"model": label, "clean": _acc(records, run, threats[0], "clean", "table3").value}
         robust = []
         for t in threats:
-            acc, lo, hi, _ = _acc(records, run, t, protocol="table3")
-            row[t] = acc
-            row[f"{t} 95% CI"] = f"[{lo:.1f}, {hi:.1f}]"
-            robust.append(acc)
+            a = _acc(records, run, t, protocol="table3")
+            row[t] = a.value
+            row[f"{t} 95% CI"] = a.ci
+            robust.append(a.value)
         row["robust avg"] = float(np.mean(robust))
         row["evaluation"] = _evaluation(records, run, "table3")
         rows.append(row)
@@ -211,25 +207,17 @@ def variant_table(records: pd.DataFrame, trained: dict[str, dict], runs: dict[st
     for label, run in runs.items():
         if run not in trained:
             continue
-        acc, lo, hi, n = _acc(records, run, threat)
+        a = _acc(records, run, threat)
         size = {"R50 params deployed (M)": r50_deployed_params(trained[run]["variant"]) / 1e6} if r50_params else {}
         rows.append({"model": label, "params train (M)": trained[run]["params"] / 1e6,
                      "params deployed (M)": trained[run]["deployable_params"] / 1e6, **size,
-                     "clean": _acc(records, run, threat, "clean")[0], threat: acc,
-                     "95% CI": "not attacked (below clean floor)" if np.isnan(acc) else f"[{lo:.1f}, {hi:.1f}]",
-                     "n": n, "evaluation": _evaluation(records, run, "ablation")})
+                     "clean": _acc(records, run, threat, "clean").value, threat: a.value, "95% CI": a.ci,
+                     "n": a.n, "evaluation": _evaluation(records, run, "ablation")})
     return pd.DataFrame(rows)
 
 
 def _evaluation(records: pd.DataFrame, run: str, protocol: str) -> str:
-    """'AutoAttack (standard)' or the non-standard attack that produced a run's records."""
-    r = records[(records.run == run) & (records.protocol == protocol)]
-    if r["robust"].isna().all():
-        return "not attacked"
-    if r["standard"].all():
-        return "AutoAttack (standard)"
-    dev = [c for c in r.columns if c.startswith("pgd-") and r[c].notna().any()]
-    return f"{dev[0].upper()} (non-standard)" if dev else "non-standard"
+    return reporting.evaluation_label(records[(records.run == run) & (records.protocol == protocol)])
 
 
 def claim(records: pd.DataFrame, better: str, worse: str, threat: str, col: str, text: str,
@@ -253,28 +241,25 @@ def lambda_curve(records: pd.DataFrame, cfg: ExperimentConfig, threat: str) -> p
     rows = []
     for lam, run in sorted(points):
         if run in set(records.run):
-            acc, lo, hi, n = _acc(records, run, threat)
-            rows.append({"lambda": lam, "robust": acc, "robust_lo": lo, "robust_hi": hi,
-                         "clean": _acc(records, run, threat, "clean")[0], "run": run,
+            a = _acc(records, run, threat)
+            rows.append({"lambda": lam, "robust": a.value, "robust_lo": a.lo, "robust_hi": a.hi,
+                         "clean": _acc(records, run, threat, "clean").value, "run": run,
                          "evaluation": _evaluation(records, run, "ablation")})
     return pd.DataFrame(rows)
 
 
 def plot_lambda(curve: pd.DataFrame, path: str | Path, threat: str) -> Path:
     """Fig. A1-style plot: robust accuracy (with 95% intervals) and clean accuracy against λ."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
     import seaborn as sns
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     how = ", ".join(sorted(set(curve["evaluation"])))
-    sns.lineplot(data=curve, x="lambda", y="robust", marker="o", ax=ax, label=f"robust ({threat}; {how})")
+    sns.lineplot(data=curve, x="lambda", y="robust", marker="o", ax=ax, label=f"robust ({threat}; {how})",
+                 color=plots.MODEL_COLOURS["robust"])
     ax.fill_between(curve["lambda"], curve["robust_lo"], curve["robust_hi"], alpha=0.2)
-    sns.lineplot(data=curve, x="lambda", y="clean", marker="s", ax=ax, label="clean")
+    sns.lineplot(data=curve, x="lambda", y="clean", marker="s", ax=ax, label="clean", color=plots.MODEL_COLOURS["clean"])
     ax.set_xlabel("λ (focal-loss weight)")
     ax.set_ylabel("accuracy (%)")
     fig.tight_layout()
-    with fileio.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    plots.save(fig, path, dpi=120)
     return Path(path)

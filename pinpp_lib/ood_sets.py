@@ -14,10 +14,8 @@ kit's evaluation transform; ImageNet-C crops are read with `crop_pct=1` (they ar
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,6 +28,7 @@ from tqdm.auto import tqdm
 from .datasets import IMG_EXTS, TransformConfig, _load_rgb, eval_transform
 from .fileio import PinppError
 from .human_consistency import decide16, image_key
+from .imagenet import in1k_index
 
 
 @dataclass(frozen=True)
@@ -51,12 +50,6 @@ OOD_SETS: dict[str, FolderLayout] = {
 }
 MVH_LAYOUT = ("<root>/<dataset>/dnn/session-1/<NNNN>_<exp>_dnn_<condition>_<category>_<...>.png, as the "
               "`modelvshuman` toolbox downloads them (github.com/bethgelab/model-vs-human)")
-
-
-def in1k_index() -> dict[str, int]:
-    """wnid → ImageNet-1K class index (sorted-wnid order)."""
-    with resources.files("pinpp_lib.data").joinpath("imagenet_classes_and_human16.json").open() as f:
-        return {c["wnid"]: c["index"] for c in json.load(f)["imagenet_classes"]}
 
 
 class PathDataset(Dataset):

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from . import fileio, store
 from .datasets import _load_rgb
-from .human_consistency import human16_map, load_trials
-from .ood_sets import in1k_index
+from .human_consistency import load_trials
+from .imagenet import human16_map, in1k_index
 
 RECORD = ".standins_done.json"  # the store's record of a finished set of stand-ins
 

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from . import fileio, layout, masks, seg_eval, segmentation, store
+from . import fileio, layout, masks, plots, seg_eval, segmentation, store
 from .checks import Checked, Rule, at_least, between
 from .datasets import list_image_folder
 
@@ -197,9 +197,7 @@ def table6_left(rows: list[dict]) -> pd.DataFrame:
 def plot_pseudo(converted: str | Path, records: pd.DataFrame, path: str | Path, n: int = 6) -> Path:
     """Unlabelled images with their pseudo labels without and with CF (colour = global part id);
     images where CF changed most (parts of another class removed) come first."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
     from PIL import Image
     conv = Path(converted)
     piv = records.pivot_table(index="file_name", columns="variant", values="parts of another class", aggfunc="first")
@@ -217,7 +215,5 @@ def plot_pseudo(converted: str | Path, records: pd.DataFrame, path: str | Path, 
             ax.axis("off")
     fig.suptitle("Pseudo part labels: w/o CF (middle) vs w/ CF (bottom); 'foreign' = parts of another class", fontsize=9)
     fig.tight_layout()
-    with fileio.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path, dpi=110)
     return Path(path)

@@ -21,6 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import fileio
+from .imagenet import in1k_index
 from .fileio import PinppError
 
 FIX_DOWNLOAD = "re-download this file from the PIN++ release"
@@ -93,8 +94,7 @@ def _is_num(v) -> bool:
 
 
 def known_wnids() -> set[str]:
-    from .synthetic import imagenet_classes
-    return {c["wnid"] for c in imagenet_classes()}
+    return set(in1k_index())
 
 
 def _check_polygons(seg, w: float, h: float, tol: float = 1.0) -> str | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,6 +24,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import fileio, store
+from .reporting import accuracy, wilson  # noqa: F401  (wilson: re-exported for callers of this module)
 from .attacks import pgd_linf
 from .checks import Checked, Rule, at_least, between, each, one_of
 from .fileio import PinppError
@@ -55,17 +55,6 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 250) -> torch.T
         for i in range(0, len(x), batch_size):
             out.append(model(x[i:i + batch_size]).argmax(1).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n."""
-    if n == 0:
-        return (math.nan, math.nan)
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
 
 
 def paired_diff_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -201,8 +190,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         by.setdefault(r["threat"], []).append(r)
     out = {}
     for t, rs in by.items():
-        n, kc, kr = len(rs), sum(r["clean"] for r in rs), sum(r["robust"] for r in rs)
-        lo, hi = wilson(kr, n)
-        out[t] = {"n": n, "clean": 100 * kc / n, "robust": 100 * kr / n, "robust_lo": 100 * lo, "robust_hi": 100 * hi,
-                  "standard": all(r["standard"] for r in rs)}
+        rob = accuracy(r["robust"] for r in rs)
+        out[t] = {"n": rob.n, "clean": accuracy(r["clean"] for r in rs).value, "robust": rob.value, "robust_lo": rob.lo,
+                  "robust_hi": rob.hi, "standard": all(r["standard"] for r in rs)}
     return out

@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import pandas as pd
 import torch.nn as nn
 
-from . import fileio, human_consistency, robust_eval
+from . import fileio, human_consistency, plots, reporting
 from .checks import Checked, Rule, at_least, between, each, one_of
 from . import mpm_experiments as mx
 from .corruptions import CORRUPTIONS
@@ -98,14 +97,10 @@ def accuracy_table(records: pd.DataFrame, threat: str) -> pd.DataFrame:
     rows = []
     for label in MODELS:
         r = records[(records.model == label) & (records.threat == threat)]
-        base = {"model": label, "clean": 100 * r["clean"].mean(), "n": len(r), "classes": int(r["classes"].iloc[0])}
-        if r["robust"].isna().any():
-            rows.append({**base, threat: np.nan, "95% CI": "not attacked (below clean floor)", "evaluation": "not attacked"})
-            continue
-        k, n = int(r["robust"].sum()), len(r)
-        lo, hi = robust_eval.wilson(k, n)
-        rows.append({**base, threat: 100 * k / n, "95% CI": f"[{100 * lo:.1f}, {100 * hi:.1f}]",
-                     "evaluation": "AutoAttack (standard)" if r["standard"].all() else "PGD (non-standard)"})
+        rob = reporting.accuracy(r["robust"])
+        rows.append({"model": label, "clean": reporting.accuracy(r["clean"]).value, "n": len(r),
+                     "classes": int(r["classes"].iloc[0]), threat: rob.value, "95% CI": rob.ci,
+                     "evaluation": reporting.evaluation_label(r)})
     return pd.DataFrame(rows)
 
 
@@ -127,16 +122,13 @@ def table8(decisions: pd.DataFrame, datasets: tuple[str, ...], paper: pd.DataFra
 
 def plot_corruptions(records: pd.DataFrame, path: str | Path) -> Path:
     """Accuracy against corruption severity, one line per model, one panel per corruption family."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plots.pyplot()  # the kit's backend and theme
     import seaborn as sns
     acc = records.groupby(["model", "family", "severity"], as_index=False)["correct"].mean()
     acc["accuracy (%)"] = 100 * acc["correct"]
     grid = sns.relplot(data=acc, x="severity", y="accuracy (%)", hue="model", col="family", kind="line", marker="o",
+                       palette=plots.palette(list(dict.fromkeys(acc["model"]))),
                        height=2.6, aspect=1.0, facet_kws={"sharey": True})
     grid.set_titles("{col_name}")
-    with fileio.atomic_path(path) as tmp:
-        grid.figure.savefig(tmp, dpi=120)
-    plt.close(grid.figure)
+    plots.save(grid.figure, path, dpi=120)
     return Path(path)

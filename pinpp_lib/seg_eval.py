@@ -25,7 +25,7 @@ import torch
 from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
-from . import fileio, segmentation, store
+from . import fileio, plots, segmentation, store
 from .segmentation import CONFIGS
 
 IOU_TYPES = {"segm": "mask", "bbox": "box"}
@@ -261,9 +261,7 @@ def plot_predictions(run: dict, converted: str | Path, split: str, path: str | P
                      score_thr: float = 0.5) -> Path:
     """Ground-truth part masks next to the run's predicted masks (score ≥ `score_thr`; notebooks pass the
     pseudo-label threshold, so the figure shows what would become a label) on `n` images."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
     from PIL import Image
     from pycocotools.coco import COCO
     gt_file = segmentation.annotation_file(converted, run["task"], split)
@@ -285,7 +283,5 @@ def plot_predictions(run: dict, converted: str | Path, split: str, path: str | P
             ax.axis("off")
     fig.suptitle(f"{CONFIGS[run['config']]} on {run['task']}_{split} (colour = part category; score ≥ {score_thr})", fontsize=9)
     fig.tight_layout()
-    with fileio.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path, dpi=110)
     return Path(path)

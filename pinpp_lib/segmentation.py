@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import checkpoint, fileio, store
+from . import checkpoint, distributed, fileio, store
 from .checks import Checked, Rule, above, all_of, at_least, between, device_name, each, one_of, ordered
 from .fileio import PinppError
 
@@ -267,8 +267,7 @@ def train(name: str, task: str, converted: str | Path, work: str | Path, sc: Seg
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = 0
     if world > 1:  # under torchrun: the process group first (mmengine's own init assumes a GPU per process)
-        from .training import setup_distributed
-        rank, world, _ = setup_distributed()
+        rank, world, _ = distributed.setup()
     cfg = build_config(name, task, converted, out, sc, seed, world)
     check_pretrained(cfg)
     if rank == 0:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import plots
 from .release import Release
 
 BINS = [(1, 2, "1–2"), (3, 4, "3–4"), (5, 6, "5–6"), (7, None, "7+")]
@@ -68,32 +69,24 @@ def parts_per_class(release: Release) -> pd.Series:
 
 def plot_parts_histogram(counts: pd.Series, path: str | Path) -> Path:
     """Histogram of parts per class (seaborn), saved to `path`."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
     import seaborn as sns
     fig, ax = plt.subplots(figsize=(5, 3))
     sns.countplot(x=counts.values, ax=ax, color="#4C72B0")
     ax.set_xlabel("part categories per class")
     ax.set_ylabel("classes")
     fig.tight_layout()
-    from .fileio import atomic_path
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    plots.save(fig, path, dpi=120)
     return Path(path)
 
 
 def plot_overlay_grid(release: Release, imagenet_train: str | Path, path: str | Path, n: int = 12,
                       seed: int = 0, cols: int = 4) -> Path:
     """Fig. 1-style grid: images with coloured part overlays and a legend of part names per image."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
     from matplotlib.patches import Patch
     from PIL import Image
 
-    from .fileio import atomic_path
     from .masks import rasterise
 
     rng = np.random.default_rng(seed)
@@ -126,7 +119,5 @@ def plot_overlay_grid(release: Release, imagenet_train: str | Path, path: str | 
     for ax in list(axes.flat)[len(picks):]:
         ax.axis("off")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path, dpi=110)
     return Path(path)

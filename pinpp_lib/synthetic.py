@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from . import fileio, store
+from .imagenet import classes as imagenet_classes
 from .checks import Checked, Rule, at_least, between
 from .masks import paint_order
 from .synthetic_shapes import SHAPES, ClassTemplate, Placement, class_template, clip_polygon, polygon_area, shape_polygon
@@ -53,12 +54,6 @@ class SynthConfig(Checked):
                                          "unannotated_per_class": at_least(0), "val_per_class": at_least(0), "size": at_least(16),
                                          "seed": at_least(0), "discard_rate": between(0, 1), "multi_instance_rate": between(0, 1),
                                          "hide_rate": between(0, 1), "jpeg_quality": between(1, 100)}
-
-
-def imagenet_classes() -> list[dict]:
-    """The 1000 IN-1K classes (index, wnid, names) in sorted-wnid order, shipped with the kit."""
-    with resources.files("pinpp_lib.data").joinpath("imagenet_classes_and_human16.json").open() as f:
-        return json.load(f)["imagenet_classes"]
 
 
 def synth_classes(n: int) -> list[tuple[str, str, str]]:

@@ -8,6 +8,7 @@ in code; `with_paper` joins them beside ours.
 """
 from __future__ import annotations
 
+import gzip
 import io
 import json
 from importlib import resources
@@ -16,6 +17,11 @@ from pathlib import Path
 import pandas as pd
 
 from . import fileio
+
+
+def has_paper_values(table: str) -> bool:
+    """Does the kit hold published numbers for `table` (e.g. "table3")?"""
+    return resources.files("pinpp_lib.data").joinpath("paper").joinpath(f"{table}.csv").is_file()
 
 
 def paper_values(table: str) -> pd.DataFrame:
@@ -50,8 +56,14 @@ def _markdown(df: pd.DataFrame, floatfmt: str) -> str:
 
 def write_table(df: pd.DataFrame, name: str, results_dir: str | Path, *, notebook: str, paper_table: str,
                 caption: str, floatfmt: str = ".2f", notes: str = "") -> dict[str, Path]:
-    """Write `df` as results/<name>.{csv,md,tex} and register it in the results index. Returns the paths."""
+    """Write `df` as results/<name>.{csv,md,tex} and register it in the results index. Returns the paths.
+
+    A paper table (`name` "table<N>_…") for which the kit holds no published numbers gets that said in its notes.
+    """
     results_dir = Path(results_dir)
+    key = name.split("_", 1)[0]
+    if key.startswith("table") and not has_paper_values(key):
+        notes = " ".join(filter(None, [notes, f"The paper's {paper_table} values are not in the kit's data; ours only."]))
     paths = {ext: results_dir / f"{name}.{ext}" for ext in ("csv", "md", "tex")}
     fileio.write_text(paths["csv"], df.to_csv(index=False))
     md = f"**{paper_table}** — {caption}\n\n" + _markdown(df, floatfmt) + (f"\n{notes}\n" if notes else "")
@@ -85,6 +97,8 @@ def write_records(df: pd.DataFrame, name: str, results_dir: str | Path, *, noteb
     """Write per-item records as results/records/<name>.csv.gz (atomically) and register them."""
     path = Path(results_dir) / "records" / f"{name}.csv.gz"
     with fileio.atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False, compression="gzip")
+        # no name and mtime 0 in the gzip header: equal records must be equal bytes, whenever and wherever written
+        with open(tmp, "wb") as f, gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as gz:
+            gz.write(df.to_csv(index=False).encode())
     register(results_dir, [f"records/{path.name}"], notebook=notebook, paper=paper, what=what)
     return path

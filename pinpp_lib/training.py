@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from . import checkpoint, fileio, layout, models, store
+from . import checkpoint, distributed, fileio, layout, models, store
 from .attacks import pgd_linf
 from .datasets import PartSegDataset, TransformConfig, fingerprint, require_train_labels, train_transform
 from .checks import Checked, Rule, above, at_least, between, one_of
@@ -105,18 +104,6 @@ class TrainConfig(Checked):
     def part_supervised(self) -> bool:
         """Does this run read part masks (every variant but plain)?"""
         return self.variant != "plain"
-
-
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun: init the process group (NCCL on GPU, else gloo)."""
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
 
 
 class EpochSeeded(Dataset):
@@ -241,7 +228,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = Tr
         if why:
             raise PinppError(f"{out}: holds a finished run whose {why}; delete the folder, choose another --work, "
                              "or pass --restart to retrain it")
-    rank, world, device = setup_distributed()
+    rank, world, device = distributed.setup()
     cuda = device.type == "cuda"
     ds = EpochSeeded(base, cfg.seed)
     num_classes = len(base.classes)

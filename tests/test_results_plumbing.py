@@ -56,3 +56,41 @@ def test_run_meta(tmp_path):
     for k in ("params", "profile", "git", "packages", "device", "seeds", "started", "finished"):
         assert k in r
     assert r["packages"]["torch"] and r["extra"] == 5 and "commit" in r["git"]
+
+
+def test_the_writer_says_when_the_paper_values_are_missing(tmp_path):
+    df = pd.DataFrame({"model": ["a"], "acc": [1.0]})
+    md = tables.write_table(df, "table9_demo", tmp_path, notebook="n", paper_table="Table 9", caption="c", notes="Ours.")["md"]
+    assert md.read_text().rstrip().endswith("Ours. The paper's Table 9 values are not in the kit's data; ours only.")
+    md = tables.write_table(df, "table3_demo", tmp_path, notebook="n", paper_table="Table 3", caption="c")["md"]
+    assert "not in the kit's data" not in md.read_text()  # table3.csv holds published numbers
+
+
+def test_records_are_the_same_bytes_whenever_written(tmp_path):
+    df = pd.DataFrame({"index": [0, 1], "correct": [True, False]})
+    a = tables.write_records(df, "r", tmp_path / "a", notebook="n", paper="p", what="w").read_bytes()
+    b = tables.write_records(df, "r", tmp_path / "b", notebook="n", paper="p", what="w").read_bytes()
+    assert a == b and pd.read_csv(tmp_path / "a" / "records" / "r.csv.gz").equals(df)
+
+
+def test_accuracy_and_wilson_interval():
+    from pinpp_lib import reporting
+    lo, hi = reporting.wilson(50, 100)
+    z, p, n = 1.96, 0.5, 100  # the Wilson score interval, written out
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    assert (lo, hi) == pytest.approx((centre - half, centre + half))
+    a = reporting.accuracy([True, True, False, True])
+    assert (a.value, a.n) == (75.0, 4) and a.ci == f"[{a.lo:.1f}, {a.hi:.1f}]"
+    skipped = reporting.accuracy([True, None, False])
+    assert pd.isna(skipped.value) and skipped.ci == reporting.NOT_ATTACKED
+    recs = pd.DataFrame({"robust": [True, False], "standard": [False, False], "pgd-20": [True, False]})
+    assert reporting.evaluation_label(recs) == "PGD-20 (non-standard)"
+    assert reporting.evaluation_label(recs.assign(standard=True)) == "AutoAttack (standard)"
+    assert reporting.evaluation_label(recs.assign(robust=None)) == "not attacked"
+
+
+def test_one_colour_per_model_in_every_figure():
+    from pinpp_lib import plots
+    a = plots.palette(["MPM AT", "vanilla", "other"])
+    b = plots.palette(["other", "MPM AT"])
+    assert a["MPM AT"] == b["MPM AT"] == plots.MODEL_COLOURS["MPM AT"] and a["vanilla"] == plots.MODEL_COLOURS["vanilla"]

@@ -9,7 +9,8 @@ import pytest
 from pycocotools.coco import COCO
 
 from pinpp_lib.fileio import PinppError
-from pinpp_lib.synthetic import SynthConfig, generate, imagenet_classes
+from pinpp_lib.imagenet import classes as imagenet_classes
+from pinpp_lib.synthetic import SynthConfig, generate
 
 from conftest import SMALL
 
