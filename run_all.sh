@@ -3,6 +3,7 @@
 #
 #   ./run_all.sh                      smoke profile (synthetic data, CPU, minutes)
 #   ./run_all.sh --profile full --data-root /data/pinpp_full
+#   ./run_all.sh --profile rehearsal  the full settings on tiny synthetic data, CPU (results in data/rehearsal/results)
 #   ./run_all.sh --only 00,01         just those notebooks
 #
 # Executed copies go to results/executed/. The first failing notebook stops the run: it is named,
@@ -24,7 +25,7 @@ while [[ $# -gt 0 ]]; do
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
-[[ $PROFILE == smoke || $PROFILE == full ]] || { echo "run_all.sh: --profile must be smoke or full, not '$PROFILE'" >&2; exit 2; }
+[[ $PROFILE == smoke || $PROFILE == rehearsal || $PROFILE == full ]] || { echo "run_all.sh: --profile must be smoke, rehearsal or full, not '$PROFILE'" >&2; exit 2; }
 if [[ $PROFILE == full && -n $DATA_ROOT && ! -d $DATA_ROOT ]]; then
   echo "run_all.sh: --data-root $DATA_ROOT: no such folder; the full profile reads the data from there (layout: README.md, \"Data layout\")" >&2; exit 2
 fi
@@ -37,6 +38,9 @@ fi
 
 "$ROOT/scripts/setup_env.sh"   # installs what is missing; a no-op when the venv is current
 PY="$ROOT/.venv/bin/python"
+if [[ $PROFILE == rehearsal && -z $RESULTS_DIR ]]; then  # rehearsal numbers stay beside its data (pinpp_lib/config.py)
+  RESULTS_DIR="${DATA_ROOT:-$ROOT/data/rehearsal}/results"
+fi
 RESULTS="${RESULTS_DIR:-$ROOT/results}"
 mkdir -p "$RESULTS/executed"
 

@@ -149,9 +149,9 @@ def _cmd_imagenet_c(a: argparse.Namespace) -> int:
     from .datasets import val_dataset
     s = resolve(a.profile, data_root=a.data_root, seed=a.seed)
     rc, conv = s.robustness, s.paths.converted
-    x, _ = mx.eval_images(conv, s.mpm.at.transform)
+    x, _ = mx.evaluation_set(conv, s.mpm)
     out = a.out or rc.path("imagenet_c", s.paths.data_root)
-    corruptions.write_imagenet_c(out, x, [rel for rel, _ in val_dataset(conv).samples], rc.seed,
+    corruptions.write_imagenet_c(out, x, [val_dataset(conv).samples[i][0] for i in mx.evaluation_index(conv, s.mpm)], rc.seed,
                                  tuple(a.corruption or rc.corruptions), rc.severities)
     print(f"ImageNet-C ({len(x)} images × {len(a.corruption or rc.corruptions)} corruptions × {len(rc.severities)} severities): {out}")
     return 0
@@ -201,6 +201,7 @@ def _cmd_pseudo(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import PROFILES
     p = argparse.ArgumentParser(prog="pinpp", description="PartImageNet++ reproduction kit")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_cmd_stats)
 
     r = sub.add_parser("prepare", help="make (smoke) or check (full) the data and convert it")
-    r.add_argument("--profile", default="smoke", choices=("smoke", "full"))
+    r.add_argument("--profile", default="smoke", choices=PROFILES)
     r.add_argument("--data-root")
     r.add_argument("--seed", type=int)
     r.set_defaults(fn=_cmd_prepare)
@@ -243,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     # positional: torchrun's own parser would take `--run` for an abbreviation of its `--run-path`
     tr.add_argument("run", nargs="?", help="run name, e.g. at_mpm, at_plain, clean_vanilla (see notebook 05)")
     tr.add_argument("--run", dest="run_opt", metavar="RUN", help="the same, as an option (not under torchrun)")
-    tr.add_argument("--profile", default="smoke", choices=("smoke", "full"))
+    tr.add_argument("--profile", default="smoke", choices=PROFILES)
     tr.add_argument("--data-root")
     tr.add_argument("--work", help="folder of the runs (default <data-root>/runs/mpm)")
     tr.add_argument("--seed", type=int)
@@ -253,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval-aa", help="AutoAttack (or PGD dev mode) per-image records for a trained run")
     ev.add_argument("--run-dir", required=True)
-    ev.add_argument("--profile", default="smoke", choices=("smoke", "full"))
+    ev.add_argument("--profile", default="smoke", choices=PROFILES)
     ev.add_argument("--data-root")
     ev.add_argument("--seed", type=int)
     ev.add_argument("--threat", action="append", choices=("Linf-4/255", "L2-2.0", "L1-75", "Linf-8/255"))
@@ -263,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(fn=_cmd_eval_aa)
 
     ic = sub.add_parser("imagenet-c", help="write ImageNet-C (15 corruptions × 5 severities) for the evaluation list")
-    ic.add_argument("--profile", default="smoke", choices=("smoke", "full"))
+    ic.add_argument("--profile", default="smoke", choices=PROFILES)
     ic.add_argument("--data-root")
     ic.add_argument("--seed", type=int)
     ic.add_argument("--out", help="target folder (default: <data root>/imagenet_c, where notebook 06 reads it)")
@@ -274,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                            ("seg-eval", _cmd_seg_eval, "mask/box AP of a trained segmentation run (pycocotools)"),
                            ("pseudo-label", _cmd_pseudo, "write pseudo part labels (w/ and w/o the Category Filter)")):
         sp = sub.add_parser(name, help=text)
-        sp.add_argument("--profile", default="smoke", choices=("smoke", "full"))
+        sp.add_argument("--profile", default="smoke", choices=PROFILES)
         sp.add_argument("--data-root")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a SegConfig field")
         sp.set_defaults(fn=fn)

@@ -1,11 +1,16 @@
-"""The one place that turns a profile ("smoke" | "full") into concrete settings.
+"""The one place that turns a profile ("smoke" | "rehearsal" | "full") into concrete settings.
 
 Each component owns its defaults in its own dataclass (`SynthConfig`, `ConvertConfig`,
 `TransformConfig`, ...); defaults are the paper's recipe where the paper has one. A profile here is
 only a set of overrides plus the data paths, so nothing else in the kit branches on the profile.
 
-    smoke  the embedded synthetic release, generated on the fly under <data_root>/synthetic
-    full   the real release + ImageNet (paths below, or passed explicitly)
+    smoke      the embedded synthetic release, generated on the fly under <data_root>/synthetic; small models
+    rehearsal  the full profile's settings and code paths (ResNet-50 at 224 with 1000 classes and PIN++'s 3310 part
+               categories, AutoAttack at every threat, the segmentation configs at 1024 px with pretrained backbones,
+               all 17 model-vs-human sets) on a synthetic release of 1000 classes, cut to 1-2 steps per training stage
+               and a handful of images per evaluation, with stand-in weights in the published formats: every
+               full-only branch runs on CPU (slow test tier)
+    full       the real release + ImageNet (paths below, or passed explicitly)
 
 Full-profile data layout under `data_root` (default `<repo>/data/full`; override any path):
 
@@ -28,30 +33,35 @@ from .checks import Checked, Rule, SettingError, at_least
 from .fileio import PinppError
 from .mpm_experiments import ExperimentConfig
 from .few_shot import FewShotConfig
+from .pretrained import WeightsConfig, use_cache
 from .pseudo_labels import PseudoConfig
 from .robustness import RobustnessConfig
 from .runmeta import repo_root
 from .segmentation import SegConfig
 from .synthetic import SynthConfig
 
-PROFILES = ("smoke", "full")
+PROFILES = ("smoke", "rehearsal", "full")
 
 # Overrides per profile and component. The component defaults are the full (paper) values.
 _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {
-        # 10 classes: standard AutoAttack's targeted stages use 9 target classes. Many unannotated images
-        # per class, as in PIN++ (100 annotated of ~1300): with few images the tiny models only memorise.
-        "synth": {"classes": 10, "images_per_class": 40, "unannotated_per_class": 160, "val_per_class": 8},
+        # 10 classes: standard AutoAttack's targeted stages use 9 target classes. As many unannotated images
+        # as annotated ones (PIN++: 100 annotated of ~1300): they carry pseudo labels in every MPM run. Sizes are
+        # cut for the whole smoke run's time on 2 cores (README, "Runtime").
+        "synth": {"classes": 10, "images_per_class": 40, "unannotated_per_class": 40, "val_per_class": 4},
         "convert": {"workers": 2},
         "transform": {"size": 64},
         "stats": {"figure_images": 8},
         # Notebook 05: a narrow ResNet at 64 px for tens of epochs on 2 CPU cores; the clean run stands in
         # for the pretrained ImageNet weights that initialise the AT runs (no downloads here).
-        # AutoAttack costs ~2.5 min per model and threat here: smoke attacks Table 3's two models at L∞ 4/255
-        # (the threat of the reference rows) and checks the ablations with PGD-20, flagged non-standard.
+        # The clean run needs its 750 steps: with 8 epochs it stays near chance (17 %) and the AT runs that start from
+        # it fall below AutoAttack's clean floor; 30 epochs give 42 %.
+        # AutoAttack costs ~1.5 min per model and threat here (40 images; Square's 5000 queries dominate): smoke
+        # attacks Table 3's two models at L∞ 4/255 (the threat of the reference rows) and checks the ablations with
+        # PGD-20, flagged non-standard.
         # The AT schedule is the paper's shrunk to 2 epochs: lr warm-up over half an epoch, the PGD step warmed up
         # per epoch over 1 (0 in epoch 0, full in epoch 1), so that the short run still attacks at full strength.
-        "mpm": {"clean_epochs": 8, "at_init": "clean_run", "device": "cpu", "lambdas": (2.0,),
+        "mpm": {"clean_epochs": 30, "at_init": "clean_run", "device": "cpu", "lambdas": (2.0,),
                 "ablation_mode": "pgd",
                 "at": {"arch": "tiny", "epochs": 2, "batch_size": 32, "lr": 1.6, "init_stage_epochs": 1, "workers": 0,
                        "ema_decay": 0.98, "ckpt_every": 100, "log_every": 5, "warmup_epochs": 0.5,
@@ -63,23 +73,47 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         "robustness": {"standins": True, "mvh_datasets": ("colour", "contrast", "uniform-noise", "sketch", "stylized", "edge"),
                        "subset_eval": {"mode": "pgd", "batch_size": 128}},
         # Notebooks 02-04: the six configs at 1/8 width on 96 px LSJ crops, from scratch (no ImageNet weights
-        # here), 150 iterations of batch 4 with 64 RoIs per image (≈ 0.2-0.45 s each on 2 cores): enough to run
-        # every part of the pipeline, not to learn much (AP of a few points at most; 600 iterations give box AP50 ≈ 5
-        # on objects). Table 10: Mask R-CNN R50 with two seeds, so that its spread is computed. Federated loss over
+        # here), 60 iterations of batch 4 with 64 RoIs per image (≈ 0.2-0.45 s each on 2 cores): enough to run
+        # every part of the pipeline (schedule steps, checkpoints, resume), not to learn much (AP ≈ 0; 600 iterations
+        # give box AP50 ≈ 5 on objects). Table 10: Mask R-CNN R50 with two seeds, so that its spread is computed. Federated loss over
         # 15 of the ~40 part categories (the paper's 50 would cover them all and reduce to plain sigmoid CE).
-        "seg": {"image_size": 96, "width": 0.125, "vit_depth": 4, "pretrained": False, "iters": 150, "batch_size": 4,
-                "lr": 0.02, "warmup_iters": 25, "rois_per_image": 64, "num_fed_classes": 15, "workers": 0,
-                "ckpt_every": 50, "log_every": 25, "seeds": (0, 1), "object_models": ("mask_rcnn_r50_fpn",), "device": "cpu"},
+        "seg": {"image_size": 96, "width": 0.125, "vit_depth": 4, "pretrained": False, "iters": 60, "batch_size": 4,
+                "lr": 0.02, "warmup_iters": 10, "rois_per_image": 64, "num_fed_classes": 15, "workers": 0,
+                "ckpt_every": 20, "log_every": 10, "seeds": (0, 1), "object_models": ("mask_rcnn_r50_fpn",), "device": "cpu"},
         # The smoke part model scores low after 150 iterations; at the default 0.5 it would paint nothing.
         "pseudo": {"batch_size": 8, "score_thr": 0.05},
         # Notebook 07: its own synthetic release with 20 classes (10 train / 5 val / 5 test; 5-way episodes need
-        # disjoint class sets), a narrow ResNet-12 at 40 px, short schedules, 60 test episodes per shot.
+        # disjoint class sets), a narrow ResNet-12 at 40 px, short schedules, 40 test episodes per shot.
         "few_shot": {"synth": SynthConfig(classes=20, images_per_class=20, unannotated_per_class=0, val_per_class=0,
                                           size=64, seed=5),
                      "split": (10, 5, 5), "channels": (16, 32, 64, 128), "branch_channels": (8, 16, 32),
                      "size_meta_baseline": 40, "size_deepemd": 40, "emd_regions": 3, "n_query": 5,
-                     "pretrain_epochs": 20, "batch_size": 50, "pretrain_lr": 0.05, "meta_episodes": 40, "meta_lr": 0.002,
-                     "eval_episodes": 60, "workers": 0, "device": "cpu"},
+                     "pretrain_epochs": 12, "batch_size": 50, "pretrain_lr": 0.05, "meta_episodes": 20, "meta_lr": 0.002,
+                     "eval_episodes": 40, "workers": 0, "device": "cpu"},
+    },
+    # The full settings (component defaults) with only sizes cut: images, steps, batch, device. Nothing here picks
+    # another code path than the full profile does, except the stand-in weights (written where the jobs look).
+    "rehearsal": {
+        # 1000 classes with PIN++'s 3310 part categories (3311 segmentation classes with the background); 2 annotated
+        # train images per class (the 8:1:1 benchmark split: 1600/200/200), 1 val image; a few discarded images
+        # become the pseudo-label targets (no unannotated ones: labelling 1000 images at 1024 px takes an hour on CPU).
+        "synth": {"classes": 1000, "images_per_class": 2, "unannotated_per_class": 0, "val_per_class": 1, "size": 128,
+                  "parts_total": 3310, "discard_rate": 0.003},
+        "convert": {"workers": 2},
+        "weights": {"cache": "weights", "standins": True},
+        # R50 at 224, the authors' AT recipe, torchvision-V2 init from the stand-in file; 2 steps per stage of batch 4.
+        # clean_floor 0: untrained models are attacked anyway, so that every threat's records are written.
+        "mpm": {"device": "cpu", "eval_images": 16,
+                "at": {"batch_size": 4, "max_steps": 2, "workers": 2, "log_every": 1},
+                "eval": {"batch_size": 8, "clean_floor": 0.0}},
+        "robustness": {"standins": True, "batch_size": 8, "images": 16, "subset_eval": {"batch_size": 8, "clean_floor": 0.0}},
+        # The six configs at 1024 px LSJ with pretrained backbones (stand-ins), 2 iterations of one image.
+        "seg": {"iters": 2, "batch_size": 1, "workers": 1, "log_every": 1, "test_batch": 1, "eval_images": 3, "device": "cpu"},
+        "pseudo": {"batch_size": 1},
+        # The authors' 900/50/50 split of 1000 classes, ResNet-12 at 80/84 px; 20 images per class (5-shot + 15 queries).
+        "few_shot": {"synth": SynthConfig(classes=1000, images_per_class=20, unannotated_per_class=0, val_per_class=0,
+                                          size=96, seed=5),
+                     "batch_size": 16, "max_steps": 2, "meta_episodes": 2, "eval_episodes": 2, "workers": 1, "device": "cpu"},
     },
     "full": {
         "convert": {"workers": max(1, (os.cpu_count() or 1) - 1)},
@@ -128,6 +162,7 @@ class Settings:
     few_shot: FewShotConfig = field(default_factory=FewShotConfig)
     seg: SegConfig = field(default_factory=SegConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -162,13 +197,15 @@ def resolve(profile: str = "smoke", data_root: str | Path | None = None, results
     if profile not in PROFILES:
         raise PinppError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     root = Path(data_root) if data_root else repo_root() / "data" / profile
-    if profile == "smoke":
+    # rehearsal numbers mean nothing: they stay beside its data, never in the kit's results/
+    results = Path(results_dir) if results_dir else (root / "results" if profile == "rehearsal" else repo_root() / "results")
+    if profile in ("smoke", "rehearsal"):
         syn = root / "synthetic"
         base = Paths(root, syn / "release", syn / "imagenet" / "train", syn / "imagenet" / "val",
-                     syn / "imagenet" / "val_list.txt", root / "converted", Path(results_dir or repo_root() / "results"), syn)
+                     syn / "imagenet" / "val_list.txt", root / "converted", results, syn)
     else:
         base = Paths(root, root / "pinpp", root / "imagenet" / "train", root / "imagenet" / "val",
-                     root / "imagenet" / "val_list.txt", root / "converted", Path(results_dir or repo_root() / "results"))
+                     root / "imagenet" / "val_list.txt", root / "converted", results)
     unknown = set(paths) - {f.name for f in dataclasses.fields(Paths)}
     if unknown:
         raise PinppError(f"unknown path(s) {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(Paths)]}")
@@ -188,4 +225,6 @@ def resolve(profile: str = "smoke", data_root: str | Path | None = None, results
         s.few_shot = dataclasses.replace(s.few_shot, seed=seed)
         s.robustness = dataclasses.replace(s.robustness, seed=seed,
                                            subset_eval=dataclasses.replace(s.robustness.subset_eval, seed=seed))
+    # torch hub and HF hub of this process and its children (torchrun jobs resolve again); None: the defaults
+    use_cache(s.weights.folder(s.paths.data_root))
     return s

@@ -52,6 +52,7 @@ class FewShotConfig(Checked):
     meta_lr: float = 0.001
     eval_episodes: int = 1000
     workers: int = 4
+    max_steps: int = 0                 # rehearsal: stop pre-training after this many steps (cosine kept at full length); 0: no cap
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     synth: SynthConfig | None = None   # a synthetic release to use instead of the real one (smoke)
@@ -60,7 +61,7 @@ class FewShotConfig(Checked):
         "size_meta_baseline": at_least(8), "size_deepemd": at_least(8), "m_parts": at_least(0), "emd_regions": at_least(1),
         "n_way": at_least(2), "shots": each(at_least(1)), "n_query": at_least(1), "pretrain_epochs": at_least(0),
         "pretrain_lr": above(0), "batch_size": at_least(1), "weight_decay": at_least(0), "meta_episodes": at_least(0),
-        "meta_lr": above(0), "eval_episodes": at_least(1), "workers": at_least(0), "seed": at_least(0), "device": device_name}
+        "meta_lr": above(0), "eval_episodes": at_least(1), "workers": at_least(0), "max_steps": at_least(0), "seed": at_least(0), "device": device_name}
 
 
 def _regions(method: str, variant: str, cfg: FewShotConfig) -> int:
@@ -98,8 +99,12 @@ def pretrain(model: FewShotNet, ds: PartImageDataset, cfg: FewShotConfig, method
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
                         generator=torch.Generator().manual_seed(cfg.seed), drop_last=len(ds) > cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.pretrain_epochs * len(loader)))
+    steps = 0
     for _ in tqdm(range(cfg.pretrain_epochs), desc="pre-training", leave=False):
         for x, parts, y in loader:
+            if cfg.max_steps and steps == cfg.max_steps:
+                return
+            steps += 1
             x, parts, y = x.to(dev), parts.to(dev), y.to(dev)
             # DeepEMD pre-trains its encoder on whole images (regions come in at meta-training)
             f = model(x) if method == "deepemd" else model(x, parts)
@@ -152,6 +157,8 @@ def train_model(samples: list[Sample], cfg: FewShotConfig, method: str, variant:
     torch.manual_seed(_stage_seed(cfg.seed, method, variant, "init"))  # the same initial weights whatever ran before
     model = build(method, variant, cfg)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_TRAINING}
+    if not cfg.max_steps:
+        settings.pop("max_steps")  # added later: uncapped stages keep the identity they had before
     inputs = {"samples": store.names_digest(f"{s.wnid}/{s.path.name} {s.boxes}" for s in samples)}
     for stage, run in (("pretrain", lambda: pretrain(model, ds, cfg, method)),
                        (f"meta_{shot}shot", lambda: meta_train(model, ds, cfg, method, shot))):

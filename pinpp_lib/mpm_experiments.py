@@ -50,8 +50,10 @@ class ExperimentConfig(Checked):
     eval: EvalConfig = field(default_factory=EvalConfig)   # Table 3: vanilla AT and MPM AT
     ablation_threats: tuple[str, ...] = ("Linf-4/255",)  # Tables 7, A4, 6-right and Fig. A1
     ablation_mode: str = "autoattack"  # or "pgd": PGD-k, flagged non-standard in records and tables
+    eval_images: int = 0               # rehearsal: N images spread over the evaluation list; 0: all of it
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     LIMITS: ClassVar[dict[str, Rule]] = {"clean_epochs": at_least(0), "clean_min_lr": at_least(0), "lambdas": each(at_least(0)),
+                                         "eval_images": at_least(0),
                                          "ablation_threats": each(one_of(*robust_eval.THREATS)),
                                          "ablation_mode": one_of("autoattack", "pgd"), "device": device_name}
 
@@ -129,16 +131,28 @@ def _backbone_weights(run_dir: Path) -> Path:
 
 
 def eval_images(converted: str | Path, tcfg: TransformConfig, start: int = 0,
-                end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images start..end of the evaluation list as tensors (resize + centre crop, [0, 1])."""
+                end: int | None = None, index: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images start..end of the evaluation list (or those at `index`) as tensors (resize + centre crop, [0, 1])."""
     ds = val_dataset(converted, eval_transform(tcfg))
     end = len(ds) if end is None else end
     if not 0 <= start < end <= len(ds):
         raise fileio.PinppError(f"--start {start} --end {end}: the evaluation list has {len(ds)} images; "
                                 f"choose 0 <= start < end <= {len(ds)}")
-    idx = range(start, end)
+    idx = range(start, end) if index is None else index
     xs, ys = zip(*[ds[i] for i in tqdm(idx, desc="loading eval images", leave=False)])
     return torch.stack(xs), torch.tensor(ys)
+
+
+def evaluation_index(converted: str | Path, cfg: ExperimentConfig) -> list[int]:
+    """Positions in the evaluation list that notebooks 05 and 06 evaluate: all, or `cfg.eval_images` spread over
+    the list (rehearsal: many classes, few images)."""
+    from .ood_sets import spread
+    return spread(list(range(len(val_dataset(converted, None).samples))), cfg.eval_images)
+
+
+def evaluation_set(converted: str | Path, cfg: ExperimentConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images at `evaluation_index` as tensors, with their labels."""
+    return eval_images(converted, cfg.at.transform, index=evaluation_index(converted, cfg))
 
 
 TABLE3_RUNS = ("at_plain", "at_mpm")

@@ -76,6 +76,12 @@ def stream_logits(models: dict[str, nn.Module], paths: list[Path], size: int, cr
             start += len(x)
 
 
+def spread(items: list, n: int) -> list:
+    """Every k-th item, k the smallest step that leaves at most `n` (0: all): a cap that still covers the
+    whole list (every class of a folder set, every condition of a model-vs-human set) — rehearsal only."""
+    return items if not n or len(items) <= n else items[::-(-len(items) // n)]
+
+
 def folder_set(name: str, root: str | Path) -> tuple[list[Path], list[str]]:
     """Image paths of an OOD set and the wnid of each (from its class folder)."""
     spec = OOD_SETS[name]
@@ -109,9 +115,14 @@ def label_space(wnids: list[str], model_classes: list[str]) -> tuple[torch.Tenso
 
 
 def evaluate_folder_set(models: dict[str, nn.Module], name: str, root: str | Path, model_classes: list[str], size: int,
-                        crop_pct: float, batch_size: int = 250, device: str | torch.device = "cpu") -> list[dict[str, Any]]:
-    """Per-image records (model, set, index, label, pred, correct) with the set's label convention."""
+                        crop_pct: float, batch_size: int = 250, device: str | torch.device = "cpu",
+                        images: int = 0) -> list[dict[str, Any]]:
+    """Per-image records (model, set, index, label, pred, correct) with the set's label convention; `images`: at
+    most that many, spread over the set (0: all)."""
     paths, wnids = folder_set(name, root)
+    if images:
+        keep = spread(list(range(len(paths))), images)
+        paths, wnids = [paths[i] for i in keep], [wnids[i] for i in keep]
     y, keep = label_space(wnids, model_classes)
     recs: list[dict[str, Any]] = []
     for start, logits in stream_logits(models, paths, size, crop_pct, batch_size, device=device, desc=name):
@@ -137,13 +148,16 @@ def mvh_images(root: str | Path, dataset: str) -> pd.DataFrame:
 
 
 def mvh_decisions(models: dict[str, nn.Module], root: str | Path, datasets: tuple[str, ...], model_classes: list[str],
-                  size: int, crop_pct: float, batch_size: int = 250, device: str | torch.device = "cpu") -> pd.DataFrame:
-    """16-class decisions (model, dataset, key, condition, category, decision) on the model-vs-human sets."""
+                  size: int, crop_pct: float, batch_size: int = 250, device: str | torch.device = "cpu",
+                  images: int = 0) -> pd.DataFrame:
+    """16-class decisions (model, dataset, key, condition, category, decision) on the model-vs-human sets;
+    `images`: at most that many per set, spread over it (0: all)."""
     idx = in1k_index()
     class_indices = [idx[w] for w in model_classes]  # output j of the model is IN-1K class class_indices[j]
     rows = []
     for ds in datasets:
         imgs = mvh_images(root, ds)
+        imgs = imgs.iloc[spread(list(range(len(imgs))), images)].reset_index(drop=True)
         for start, logits in stream_logits(models, list(imgs.path), size, crop_pct, batch_size, device=device, desc=ds):
             chunk = imgs.iloc[start:start + len(next(iter(logits.values())))]
             for m, z in logits.items():

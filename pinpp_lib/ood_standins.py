@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import fileio, store
+from .ood_sets import spread
 from .datasets import _load_rgb
 from .human_consistency import load_trials
 from .imagenet import human16_map, in1k_index
@@ -123,12 +124,15 @@ def _save(arr: np.ndarray, path: Path) -> None:
 
 
 def write_standins(img_root: str | Path, val_list: str | Path, class_supercategories: str | Path, out: str | Path,
-                   mvh_datasets: tuple[str, ...], seed: int = 0) -> Path:
+                   mvh_datasets: tuple[str, ...], seed: int = 0, images: int = 0) -> Path:
     """Write every stand-in under `out` (ood/<set>/..., pin_subsets/...); reused while its sources (the val list,
-    its images, the super-categories) and settings are unchanged."""
+    its images, the super-categories) and settings are unchanged. `images` (rehearsal): the OOD sets are made
+    from at most that many val images and each model-vs-human set holds at most that many, spread over the
+    list (`ood_sets.spread`); 0: all."""
     out = Path(out)
-    samples = [line.split()[0] for line in Path(val_list).read_text().splitlines() if line.strip()]
-    ident = store.Identity("ood-standins", {"seed": seed, "mvh_datasets": list(mvh_datasets)},
+    samples = spread([line.split()[0] for line in Path(val_list).read_text().splitlines() if line.strip()], images)
+    settings = {"seed": seed, "mvh_datasets": list(mvh_datasets), **({"images": images} if images else {})}
+    ident = store.Identity("ood-standins", settings,
                            {"val_list": fileio.sha256_file(val_list), "supercategories": fileio.sha256_file(class_supercategories),
                             "images": store.tree_digest([Path(img_root) / rel for rel in samples], img_root)})
     if store.finished(out, ident, RECORD) is not None:
@@ -147,13 +151,13 @@ def write_standins(img_root: str | Path, val_list: str | Path, class_supercatego
             y0, x0 = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
             crop = img[y0:y0 + s, x0:x0 + s] * rng.uniform(0.6, 1.2, 3)
             _save(crop, out / "imagenet_a_plus" / wnid / f"{stem}.JPEG")
-    _write_mvh(imgs, out / "model_vs_human", mvh_datasets, seed)
+    _write_mvh(imgs, out / "model_vs_human", mvh_datasets, seed, images)
     _write_class_lists(class_supercategories, wnids, out / "pin_subsets")
     store.finish(out, ident, [], {"images": len(samples)}, RECORD)
     return out
 
 
-def _write_mvh(imgs: dict[str, np.ndarray], root: Path, datasets: tuple[str, ...], seed: int) -> None:
+def _write_mvh(imgs: dict[str, np.ndarray], root: Path, datasets: tuple[str, ...], seed: int, images: int = 0) -> None:
     """One image per image key of the human trials; the source image is of the key's category where the
     synthetic classes have one (else any image: the model cannot be right, as for a class it does not know)."""
     idx = in1k_index()
@@ -161,7 +165,8 @@ def _write_mvh(imgs: dict[str, np.ndarray], root: Path, datasets: tuple[str, ...
     by_cat = {cat: [r for r in rels if idx[r.split("/")[0]] in set(ins)] for cat, ins in human16_map().items()}
     trials = load_trials(datasets=list(datasets))
     for ds, g in trials.groupby("dataset"):
-        for n, (key, cat) in enumerate(tqdm(sorted(set(zip(g["key"], g["category"]))), desc=ds, leave=False), 1):
+        keys = sorted(set(zip(g["key"], g["category"])))
+        for n, (key, cat) in zip(spread(list(range(1, len(keys) + 1)), images), tqdm(spread(keys, images), desc=ds, leave=False)):
             rng = _rng(seed, ds, key)
             pool = by_cat.get(cat) or rels
             src, other = imgs[pool[rng.integers(len(pool))]], imgs[rels[rng.integers(len(rels))]]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import convert, synthetic
+from . import convert, pretrained, synthetic
 from .config import Settings
 from .fileio import PinppError
 
@@ -33,6 +33,12 @@ def prepare_data(s: Settings, workers: int | None = None) -> dict:
     """Generate (if synthetic) and convert the data for `s`; return the conversion summary."""
     if s.paths.synthetic is not None:
         synthetic.generate(s.paths.synthetic, s.synth, workers=workers or s.convert.workers)
+    if s.weights.standins:
+        folder = s.weights.folder(s.paths.data_root)
+        if folder is None:
+            raise PinppError("weights.standins needs weights.cache (a folder under the data root): stand-in weights are "
+                             "never written into the default torch/Hugging Face caches")
+        pretrained.write_standins(folder)
     check_inputs(s)
     return convert.convert(s.paths.release, s.paths.imagenet_train, s.paths.converted,
                            s.paths.imagenet_val, s.paths.val_list, s.convert)

@@ -50,9 +50,11 @@ class RobustnessConfig(Checked):
     standins: bool = False                # write look-alike OOD sets from the synthetic data (smoke)
     subset_eval: EvalConfig = field(default_factory=lambda: EvalConfig(threats=("Linf-4/255",)))
     batch_size: int = 250
+    images: int = 0                       # rehearsal: at most N images per OOD / model-vs-human set, spread over it; 0: all
     seed: int = 0
     LIMITS: ClassVar[dict[str, Rule]] = {"corruptions": each(one_of(*CORRUPTIONS)), "severities": each(between(1, 5)),
                                          "mvh_datasets": each(one_of(*MVH_DATASETS)), "batch_size": at_least(1),
+                                         "images": at_least(0),
                                          "seed": at_least(0)}
 
     def path(self, name: str, data_root: str | Path) -> Path:

@@ -105,23 +105,27 @@ def to_coco_detections(pred, image_id: int, cat_ids: list[int]) -> list[dict]:
     return out
 
 
-def coco_evaluate(gt_file: str | Path, dets: list[dict], iou_type: str) -> tuple[dict[str, float], pd.DataFrame]:
-    """COCOeval (0.5:0.95, area all, 100 dets): ({AP, AP50} in %, per-category AP/AP50 in %).
+def coco_evaluate(gt_file: str | Path, dets: list[dict], iou_type: str,
+                  img_ids: list[int] | None = None) -> tuple[dict[str, float], pd.DataFrame]:
+    """COCOeval (0.5:0.95, area all, 100 dets): ({AP, AP50} in %, per-category AP/AP50 in %), over the
+    images `img_ids` of the file (None: all of them).
 
-    A category with no ground truth in the file has AP NaN (excluded from the mean, as COCO does).
+    A category with no ground truth in those images has AP NaN (excluded from the mean, as COCO does).
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         gt = COCO(str(gt_file))
         cats = sorted(gt.getCatIds())
-        n_gt = {c: len(gt.getAnnIds(catIds=[c], iscrowd=False)) for c in cats}
+        ids = sorted(gt.getImgIds()) if img_ids is None else list(img_ids)
+        n_gt = {c: len(gt.getAnnIds(imgIds=ids, catIds=[c], iscrowd=False)) for c in cats}
         if not dets:  # nothing detected: every category with ground truth scores 0
             per = pd.DataFrame({"category_id": cats, "AP": [0.0 if n_gt[c] else np.nan for c in cats]})
             per["AP50"] = per["AP"]
             summary = {"AP": 0.0, "AP50": 0.0}
         else:
             ev = COCOeval(gt, gt.loadRes(copy.deepcopy(dets)), iou_type)
+            ev.params.imgIds = ids
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
@@ -138,11 +142,12 @@ def coco_evaluate(gt_file: str | Path, dets: list[dict], iou_type: str) -> tuple
     return summary, per
 
 
-def benchmark_items(gt_file: str | Path, img_root: str | Path) -> list[dict]:
-    """The images of a benchmark file as inference items."""
+def benchmark_items(gt_file: str | Path, img_root: str | Path, limit: int = 0) -> list[dict]:
+    """The images of a benchmark file as inference items: all, or the first `limit` (rehearsal)."""
     coco = fileio.read_json(gt_file, "COCO annotation file", "re-run `pinpp convert`")
-    return [{"img_path": Path(img_root) / im["file_name"], "img_id": im["id"], "file_name": im["file_name"]}
-            for im in coco["images"]]
+    items = [{"img_path": Path(img_root) / im["file_name"], "img_id": im["id"], "file_name": im["file_name"]}
+             for im in coco["images"]]
+    return items[:limit] if limit else items
 
 
 def detections_path(run: dict, eval_task: str, split: str, variants: dict[str, dict]) -> Path:
@@ -158,7 +163,10 @@ def detections(run: dict, converted: str | Path, split: str, eval_task: str, sc:
     variants = variants or PLAIN
     gt_file = segmentation.annotation_file(converted, eval_task, split)
     cache = detections_path(run, eval_task, split, variants)
-    ident = store.Identity("detections", {"variants": variants, "score_thr": sc.score_thr, "allowed": allowed},
+    settings = {"variants": variants, "score_thr": sc.score_thr, "allowed": allowed}
+    if sc.eval_images:
+        settings["eval_images"] = sc.eval_images
+    ident = store.Identity("detections", settings,
                            {"model": run["sha256"], "benchmark_file": fileio.sha256_file(gt_file)})
     done = store.finished(cache.parent, ident, cache.name)
     if done is not None:  # the same weights, benchmark file, filter and threshold
@@ -168,7 +176,7 @@ def detections(run: dict, converted: str | Path, split: str, eval_task: str, sc:
     cat_ids = [gt_cats.get(name, -1) for name in run["classes"]]
     model, _ = segmentation.load_model(run, sc.device)
     model.roi_head.test_cfg["score_thr"] = sc.score_thr
-    items = benchmark_items(gt_file, Path(converted) / "train" / "img")
+    items = benchmark_items(gt_file, Path(converted) / "train" / "img", sc.eval_images)
     for it in items:
         if allowed is not None:
             it["allowed_labels"] = allowed[it["file_name"].split("/")[0]]
@@ -190,6 +198,7 @@ def evaluate_run(run: dict, converted: str | Path, split: str, eval_task: str, s
     """Mask and box AP/AP50 of a run per variant: (summary rows, per-category records)."""
     gt_file = segmentation.annotation_file(converted, eval_task, split)
     dets = detections(run, converted, split, eval_task, sc, variants, allowed)
+    ids = [it["img_id"] for it in benchmark_items(gt_file, "", sc.eval_images)] if sc.eval_images else None
     rows, per_cat = [], []
     key = {"config": run["config"], "model": CONFIGS[run["config"]], "trained on": run["task"], "seed": run["seed"],
            "evaluated on": f"{eval_task}_{split}"}
@@ -197,7 +206,7 @@ def evaluate_run(run: dict, converted: str | Path, split: str, eval_task: str, s
         row = {**key, "variant": v, "detections": len(d)}
         for iou, label in IOU_TYPES.items():
             summary, per = coco_evaluate(gt_file, d if iou == "segm" else [{k: x for k, x in e.items() if k != "segmentation"}
-                                                                          for e in d], iou)
+                                                                          for e in d], iou, ids)
             row[f"{label} AP"], row[f"{label} AP50"] = summary["AP"], summary["AP50"]
             per_cat.append(per.assign(**key, variant=v, metric=label))
         rows.append(row)

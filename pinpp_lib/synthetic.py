@@ -50,10 +50,12 @@ class SynthConfig(Checked):
     multi_instance_rate: float = 0.2  # share of images with two objects
     hide_rate: float = 0.1            # chance that a part instance is hidden (occluded/out of view)
     jpeg_quality: int = 90
+    parts_total: int | None = None    # part categories over all classes (rehearsal: PIN++'s 3310); None: each template's own
     LIMITS: ClassVar[dict[str, Rule]] = {"classes": between(1, 1000), "images_per_class": at_least(1),
                                          "unannotated_per_class": at_least(0), "val_per_class": at_least(0), "size": at_least(16),
                                          "seed": at_least(0), "discard_rate": between(0, 1), "multi_instance_rate": between(0, 1),
-                                         "hide_rate": between(0, 1), "jpeg_quality": between(1, 100)}
+                                         "hide_rate": between(0, 1), "jpeg_quality": between(1, 100),
+                                         "parts_total": at_least(1)}
 
 
 def synth_classes(n: int) -> list[tuple[str, str, str]]:
@@ -65,6 +67,25 @@ def synth_classes(n: int) -> list[tuple[str, str, str]]:
     taken = {w for w, _, _ in curated}
     rest = [(c["wnid"], "generic", c["names"].split(",")[0]) for c in imagenet_classes() if c["wnid"] not in taken]
     return (curated + rest)[:n]
+
+
+def part_budget(templates: list[ClassTemplate], total: int | None) -> list[int]:
+    """Parts per class so that they sum to `total`: the classes with the most parts give one up each, in turn
+    (ties: the first class), never below one. None keeps every template whole."""
+    counts = [len(t.parts) for t in templates]
+    if total is None:
+        return counts
+    if not len(counts) <= total <= sum(counts):
+        raise fileio.PinppError(f"parts_total {total}: {len(counts)} synthetic classes can carry between {len(counts)} "
+                                f"and {sum(counts)} part categories; choose a total in that range or more classes")
+    excess = sum(counts) - total
+    while excess:
+        top = max(counts)
+        for i, c in enumerate(counts):  # one sweep over the largest classes, so the cut spreads evenly
+            if c == top and excess:
+                counts[i] -= 1
+                excess -= 1
+    return counts
 
 
 def _placement_jitter(pl: Placement, rng: np.random.Generator) -> Placement:
@@ -156,8 +177,9 @@ def _image_size(rng: np.random.Generator, size: int) -> tuple[int, int]:
 
 def _class_job(args: tuple) -> dict:
     """Generate every image of one class; return its release JSON, inclusion lines and val entries."""
-    cls_idx, (wnid, supercat, name), cfg, out, val_start = args
+    cls_idx, (wnid, supercat, name), cfg, out, val_start, n_parts = args
     tpl = class_template(wnid, supercat, name, cfg.seed)
+    tpl.parts = tpl.parts[:n_parts]  # a prefix: parents precede their included children in every template
     train_dir, val_dir = out / "imagenet" / "train" / wnid, out / "imagenet" / "val" / wnid
     train_dir.mkdir(parents=True, exist_ok=True)
     val_dir.mkdir(parents=True, exist_ok=True)
@@ -215,7 +237,8 @@ def generate(out: str | Path, cfg: SynthConfig | None = None, workers: int = 1) 
             shutil.rmtree(out / sub, ignore_errors=True)
         store.forget(out, RECORD)
     classes = sorted(synth_classes(cfg.classes))  # sorted wnids = label order, as in ImageFolder
-    jobs = [(i, c, cfg, out, i * cfg.val_per_class) for i, c in enumerate(classes)]
+    budget = part_budget([class_template(w, sc, n, cfg.seed) for w, sc, n in classes], cfg.parts_total)
+    jobs = [(i, c, cfg, out, i * cfg.val_per_class, k) for i, (c, k) in enumerate(zip(classes, budget))]
     if workers > 1:
         # fork: the workers only use numpy/PIL (no torch/OpenMP state), and scripts need no __main__ guard
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")

@@ -88,6 +88,7 @@ class TrainConfig(Checked):
     ckpt_every: int = 1000            # steps
     workers: int = 8
     log_every: int = 10
+    max_steps: int = 0                # rehearsal: stop each stage after this many steps (schedules keep their full length); 0: no cap
     transform: TransformConfig = field(default_factory=TransformConfig)
 
     LIMITS: ClassVar[dict[str, Rule]] = {
@@ -98,7 +99,7 @@ class TrainConfig(Checked):
         "attack_steps": at_least(1), "attack_step_size": at_least(0), "attack_warmup_epochs": at_least(0),
         "attack_warmup": one_of("epoch", "step"), "attack_label_smoothing": between(0, 0.999),
         "init_stage_epochs": at_least(0), "init_stage_re_prob": between(0, 1), "ckpt_every": at_least(1),
-        "workers": at_least(0), "log_every": at_least(1), "seed": at_least(0)}
+        "workers": at_least(0), "log_every": at_least(1), "max_steps": at_least(0), "seed": at_least(0)}
 
     @property
     def part_supervised(self) -> bool:
@@ -116,8 +117,18 @@ class EpochSeeded(Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int):
-        torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+        # The CPU generator only: torch.manual_seed would also queue a CUDA/XPU/MTIA seeding call with a formatted
+        # stack trace in every process without CUDA (the loader workers) — ~1 ms and a few KB per sample, never freed.
+        torch.random.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
         return self.base[i]
+
+
+def _seed_step(seed: int, cuda: bool) -> None:
+    """Seed the generators a training step draws from (CPU, and the current GPU's), as torch.manual_seed does
+    without its queue of deferred seeding calls for devices that are not initialised (see EpochSeeded)."""
+    torch.random.default_generator.manual_seed(seed)
+    if cuda:
+        torch.cuda.manual_seed(seed)
 
 
 def load_init(backbone: nn.Module, init: str, keep_fc: bool = True) -> None:
@@ -281,17 +292,20 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = Tr
         total = n_epochs * steps_per_epoch
         first_epoch = pos["epoch"] if si == pos["stage"] else 0
         for epoch in range(first_epoch, n_epochs):
+            n_steps = steps_per_epoch if not cfg.max_steps else min(steps_per_epoch, cfg.max_steps - epoch * steps_per_epoch)
+            if n_steps <= 0:
+                break  # rehearsal cap reached: the rest of the stage's schedule is not run
             ds.epoch = epoch + 1000 * si
             sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed + si, drop_last=True)
             sampler.set_epoch(epoch)
             skip = pos["batch"] if (si == pos["stage"] and epoch == pos["epoch"]) else 0
-            order = list(sampler)[skip * cfg.batch_size: steps_per_epoch * cfg.batch_size]
+            order = list(sampler)[skip * cfg.batch_size: n_steps * cfg.batch_size]
             loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=order, num_workers=cfg.workers,
                                 pin_memory=cuda, drop_last=True)
             bar = tqdm(loader, desc=f"{stage} epoch {epoch + 1}/{n_epochs}", disable=rank != 0, leave=False)
             for b, (x, m, y, w) in enumerate(bar, start=skip):
                 step_in_stage = epoch * steps_per_epoch + b
-                torch.manual_seed(cfg.seed * 1_000_003 + pos["step"])  # PGD start etc.: a function of the step
+                _seed_step(cfg.seed * 1_000_003 + pos["step"], cuda)  # PGD start etc.: a function of the step
                 x, m, y, w = (t.to(device, non_blocking=True) for t in (x, m, y, w))
                 if cuda and cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -345,9 +359,13 @@ def _save_checkpoint(out: Path, model: nn.Module, ema: checkpoint.EMA | None, op
 
 def identity(cfg: TrainConfig, data: PartSegDataset) -> store.Identity:
     """What a run's weights depend on: its config, the training data (`datasets.fingerprint`) and the bytes of
-    its init weights (a kit run's weights file, a user's file; torchvision's are fixed by their name)."""
+    its init weights (a kit run's weights file, a user's file; torchvision's are fixed by their hash-suffixed
+    name — the rehearsal's stand-in of that name lives in its own data root, so its runs never meet real ones)."""
     init = cfg.init if cfg.init in ("none", "torchvision_v2") else fileio.sha256_file(_existing(cfg.init, "init weights"))
-    return store.Identity("mpm-train", _jsonable(cfg), {**fingerprint(data), "init": init})
+    settings = _jsonable(cfg)
+    if not cfg.max_steps:
+        settings.pop("max_steps")  # added later: uncapped runs keep the identity they had before
+    return store.Identity("mpm-train", settings, {**fingerprint(data), "init": init})
 
 
 def _existing(path: str, what: str) -> Path:

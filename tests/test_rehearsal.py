@@ -1,0 +1,178 @@
+"""The rehearsal profile (issue 13): the full profile's settings on tiny synthetic data.
+
+Tier 1: the profile differs from `full` only in sizes; the pieces it adds (part budget, step caps,
+evaluation caps, stand-in weights in the published formats) against literal restatements.
+Tier 3 (`-m slow`): every notebook end to end under the rehearsal profile, its runtime reported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import papermill as pm
+import pytest
+import torch
+
+from pinpp_lib import config, fileio, pretrained, synthetic
+from pinpp_lib.fileio import PinppError
+from pinpp_lib.synthetic_shapes import ClassTemplate, PartTemplate, Placement
+
+from conftest import ROOT
+
+# Settings the rehearsal may change: sizes (images, steps, batch), devices and loader workers, where data
+# and weights come from. Any other difference would make it rehearse another code path than the full profile.
+SIZE_KEYS = {
+    "synth.classes", "synth.images_per_class", "synth.unannotated_per_class", "synth.val_per_class", "synth.size",
+    "synth.parts_total", "synth.discard_rate", "convert.workers", "weights.cache", "weights.standins",
+    "mpm.device", "mpm.eval_images", "mpm.at.batch_size", "mpm.at.max_steps", "mpm.at.workers", "mpm.at.log_every",
+    "mpm.eval.batch_size", "mpm.eval.clean_floor", "robustness.standins", "robustness.batch_size", "robustness.images",
+    "robustness.subset_eval.batch_size", "robustness.subset_eval.clean_floor",
+    "seg.iters", "seg.batch_size", "seg.workers", "seg.log_every", "seg.test_batch", "seg.eval_images", "seg.device",
+    "pseudo.batch_size", "few_shot.synth", "few_shot.batch_size", "few_shot.max_steps", "few_shot.meta_episodes",
+    "few_shot.eval_episodes", "few_shot.workers", "few_shot.device",
+}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} → {"a.b": 1}; few_shot.synth (a whole release's settings, or None) stays one value."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and f"{prefix}{k}" != "few_shot.synth":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_rehearsal_differs_from_full_only_in_sizes(tmp_path):
+    full = _flat({k: v for k, v in config.resolve("full", data_root=tmp_path).as_dict().items() if k not in ("profile", "paths")})
+    reh = _flat({k: v for k, v in config.resolve("rehearsal", data_root=tmp_path).as_dict().items()
+                 if k not in ("profile", "paths")})
+    config.resolve("smoke", data_root=tmp_path)  # give the process its own weight caches back
+    assert full.keys() == reh.keys()
+    changed = {k for k in full if full[k] != reh[k]}
+    assert changed <= SIZE_KEYS, sorted(changed - SIZE_KEYS)
+    # the real sizes the rehearsal exists for
+    assert reh["synth.classes"] == 1000 and reh["synth.parts_total"] == 3310
+    assert reh["mpm.at.arch"] == "r50" and reh["transform.size"] == 224 and reh["mpm.at.init"] == "torchvision_v2"
+    assert reh["seg.image_size"] == 1024 and reh["seg.pretrained"] and reh["seg.num_fed_classes"] == 50
+    assert reh["mpm.eval.threats"] == full["mpm.eval.threats"] and len(reh["mpm.eval.threats"]) == 4
+    assert reh["mpm.ablation_mode"] == "autoattack" and len(reh["robustness.mvh_datasets"]) == 17
+
+
+def test_rehearsal_results_stay_beside_its_data(tmp_path):
+    s = config.resolve("rehearsal", data_root=tmp_path)
+    assert s.paths.results == tmp_path / "results" and s.paths.synthetic == tmp_path / "synthetic"
+    assert torch.hub.get_dir() == str(tmp_path / "weights" / "torch" / "hub")
+    config.resolve("smoke", data_root=tmp_path)
+    assert torch.hub.get_dir() != str(tmp_path / "weights" / "torch" / "hub")
+
+
+def _tpl(n_parts: int) -> ClassTemplate:
+    t = ClassTemplate("n0", "generic", "x")
+    t.parts = [PartTemplate(f"p{i}", "rect", [Placement(0, 0, 1, 1)]) for i in range(n_parts)]
+    return t
+
+
+def test_part_budget_takes_from_the_largest_classes_in_turn():
+    # restated: counts 5, 3, 5, 1 → total 10: sweep 1 takes one from each 5 (4, 3, 4, 1), sweep 2 one from each 4
+    assert synthetic.part_budget([_tpl(5), _tpl(3), _tpl(5), _tpl(1)], 10) == [3, 3, 3, 1]
+    assert synthetic.part_budget([_tpl(5), _tpl(3), _tpl(5), _tpl(1)], 13) == [4, 3, 5, 1]
+    assert synthetic.part_budget([_tpl(2)], None) == [2]
+    for bad in (3, 15):
+        with pytest.raises(PinppError, match="parts_total"):
+            synthetic.part_budget([_tpl(5), _tpl(3), _tpl(5), _tpl(1)], bad)
+
+
+def test_synthetic_release_carries_the_part_total(tmp_path):
+    cfg = synthetic.SynthConfig(classes=5, images_per_class=1, unannotated_per_class=0, val_per_class=0, size=32)
+    natural = sum(synthetic.part_budget([synthetic.class_template(w, s, n, 0) for w, s, n in synthetic.synth_classes(5)], None))
+    out = synthetic.generate(tmp_path, dataclasses.replace(cfg, parts_total=natural - 3))
+    names = fileio.read_json(out / "release" / "category_name.json")
+    assert sum(len(v["parts"]) for v in names.values()) == natural - 3
+    for wnid in names:  # every included child still has its parent among the class's parts
+        rel = fileio.read_json(out / "release" / "json" / f"{wnid}.json")
+        cats = {c["name"] for c in rel["categories"]}
+        inc = out / "release" / "including" / f"{wnid}.txt"
+        for line in (inc.read_text().split() if inc.exists() else []):
+            child, parent = line.split(":")
+            assert {child, parent} <= cats
+        assert {a["category_id"] for a in rel["annotations"]} <= {c["id"] for c in rel["categories"]}
+
+
+def test_max_steps_caps_each_stage_and_keeps_the_schedule(pseudo_converted, tmp_path):
+    from pinpp_lib import training
+    cfg = training.TrainConfig(variant="mpm", arch="tiny", epochs=3, batch_size=4, init="none", init_stage_epochs=1,
+                               adversarial=True, workers=0, max_steps=2, log_every=1, warmup_epochs=1.0,
+                               transform=dataclasses.replace(training.TrainConfig().transform, size=32))
+    r = training.train(cfg, pseudo_converted, tmp_path / "run")
+    log = fileio.read_json(tmp_path / "run" / "train_log.json")
+    assert r["steps"] == 4 and [e["stage"] for e in log] == [0, 0, 1, 1]
+    data = training.PartSegDataset(pseudo_converted, seg_dir=cfg.seg_dir)
+    spe = len(data) // cfg.batch_size
+    lr = cfg.lr * cfg.batch_size / cfg.lr_ref_batch
+    # the main stage's lr is the full 3-epoch schedule's, not a 2-step one's
+    assert log[3]["lr"] == pytest.approx(training.lr_at(1, 3 * spe, spe, lr, cfg.min_lr, cfg.warmup_lr))
+    assert training.identity(cfg, data).sha256 != training.identity(dataclasses.replace(cfg, max_steps=0), data).sha256
+    assert "max_steps" not in training.identity(dataclasses.replace(cfg, max_steps=0), data).settings
+
+
+def test_standin_weights_load_through_the_libraries_own_paths(tmp_path):
+    """torchvision's Weights API, mmengine's `torchvision://` loader and timm's HF-hub loader read the stand-ins
+    exactly as they would read the published files."""
+    import timm
+    from mmengine.runner.checkpoint import CheckpointLoader
+    from torchvision.models import ResNet50_Weights
+    paths = pretrained.write_standins(tmp_path)
+    assert {p.name for p in paths} == {"resnet50-11ad3fa6.pth", "resnet50-0676ba61.pth", "resnet101-63fe2227.pth",
+                                       "model.safetensors"}
+    try:
+        pretrained.use_cache(tmp_path)
+        sd = ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=False)
+        own = torch.load(tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth", weights_only=True)
+        assert sd.keys() == own.keys() and all(torch.equal(sd[k], own[k]) for k in sd)
+        mm = CheckpointLoader.load_checkpoint("torchvision://resnet101", map_location="cpu")
+        assert "layer3.22.conv1.weight" in mm
+        vit = timm.create_model(pretrained.VIT, pretrained=True)
+        file = pretrained.timm_location(tmp_path) / "snapshots" / pretrained.STANDIN_REVISION / "model.safetensors"
+        import safetensors.torch
+        ref = safetensors.torch.load_file(str(file))
+        assert all(torch.equal(v, ref[k]) for k, v in vit.state_dict().items())
+        mtime = file.stat().st_mtime_ns
+        pretrained.write_standins(tmp_path)  # present files are kept
+        assert file.stat().st_mtime_ns == mtime
+    finally:
+        pretrained.use_cache(None)
+
+
+def test_standins_are_never_written_into_a_default_cache(tmp_path):
+    from pinpp_lib import prepare
+    s = config.resolve("smoke", data_root=tmp_path, overrides={"weights": {"standins": True}})
+    with pytest.raises(PinppError, match="weights.cache"):
+        prepare.prepare_data(s)
+
+
+@pytest.mark.slow
+def test_rehearsal_runs_every_notebook(tmp_path):
+    """Every notebook under the rehearsal profile; the runtime per notebook is written to
+    <data root>/results/rehearsal_runtime.json and printed."""
+    data, results = tmp_path / "data", tmp_path / "results"
+    times = {}
+    for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        t0 = time.time()
+        pm.execute_notebook(str(nb), str(results / "executed" / nb.name), kernel_name="python3", cwd=str(ROOT / "notebooks"),
+                            parameters={"PROFILE": "rehearsal", "DATA_ROOT": str(data), "RESULTS_DIR": str(results)},
+                            progress_bar=False)
+        times[nb.stem] = round(time.time() - t0, 1)
+    times["total"] = round(sum(times.values()), 1)
+    fileio.write_json(results / "rehearsal_runtime.json", times, indent=1)
+    print("rehearsal runtime (s):", json.dumps(times))
+    t3 = (results / "table3_mpm_autoattack.csv").read_text()
+    assert "vanilla AT" in t3 and "MPM AT" in t3
+    meta = json.loads((results / "run_meta" / "05_mpm_adversarial_training.json").read_text())
+    assert meta["profile"] == "rehearsal"
+    done = json.loads((data / "runs" / "mpm" / "at_mpm" / "done.json").read_text())
+    assert done["num_classes"] == 1000 and done["seg_classes"] == 3311 and done["arch"] == "r50"
+    assert Path(results / "table9_part_segmentation.csv").exists() and Path(results / "table12_few_shot_5shot.csv").exists()
