@@ -151,8 +151,8 @@ def _cmd_imagenet_c(a: argparse.Namespace) -> int:
     rc, conv = s.robustness, s.paths.converted
     x, _ = mx.evaluation_set(conv, s.mpm)
     out = a.out or rc.path("imagenet_c", s.paths.data_root)
-    corruptions.write_imagenet_c(out, x, [val_dataset(conv).samples[i][0] for i in mx.evaluation_index(conv, s.mpm)], rc.seed,
-                                 tuple(a.corruption or rc.corruptions), rc.severities)
+    rels = [val_dataset(conv).samples[i][0] for i in mx.evaluation_index(conv, s.mpm)]
+    corruptions.write_imagenet_c(out, x, rels, rc.seed, tuple(a.corruption or rc.corruptions), rc.severities)
     print(f"ImageNet-C ({len(x)} images × {len(a.corruption or rc.corruptions)} corruptions × {len(rc.severities)} severities): {out}")
     return 0
 

@@ -75,12 +75,13 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         # Notebooks 02-04: the six configs at 1/8 width on 96 px LSJ crops, from scratch (no ImageNet weights
         # here), 60 iterations of batch 4 with 64 RoIs per image (≈ 0.2-0.45 s each on 2 cores): enough to run
         # every part of the pipeline (schedule steps, checkpoints, resume), not to learn much (AP ≈ 0; 600 iterations
-        # give box AP50 ≈ 5 on objects). Table 10: Mask R-CNN R50 with two seeds, so that its spread is computed. Federated loss over
-        # 15 of the ~40 part categories (the paper's 50 would cover them all and reduce to plain sigmoid CE).
+        # give box AP50 ≈ 5 on objects). Table 10: Mask R-CNN R50 with two seeds, so that its spread is computed.
+        # Federated loss over 15 of the ~40 part categories (the paper's 50 would cover them all and reduce to
+        # plain sigmoid CE).
         "seg": {"image_size": 96, "width": 0.125, "vit_depth": 4, "pretrained": False, "iters": 60, "batch_size": 4,
                 "lr": 0.02, "warmup_iters": 10, "rois_per_image": 64, "num_fed_classes": 15, "workers": 0,
                 "ckpt_every": 20, "log_every": 10, "seeds": (0, 1), "object_models": ("mask_rcnn_r50_fpn",), "device": "cpu"},
-        # The smoke part model scores low after 150 iterations; at the default 0.5 it would paint nothing.
+        # The smoke part model scores low after 60 iterations; at the default 0.5 it would paint nothing.
         "pseudo": {"batch_size": 8, "score_thr": 0.05},
         # Notebook 07: its own synthetic release with 20 classes (10 train / 5 val / 5 test; 5-way episodes need
         # disjoint class sets), a narrow ResNet-12 at 40 px, short schedules, 40 test episodes per shot.
