@@ -106,9 +106,15 @@ def accuracy_table(records: pd.DataFrame, threat: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def table8(decisions: pd.DataFrame, datasets: tuple[str, ...], paper: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Table 8 (ours per model, the human noise ceiling, the paper's rows) and the per-condition records."""
+def table8(decisions: pd.DataFrame, datasets: tuple[str, ...], paper: pd.DataFrame,
+           images: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Table 8 (ours per model, the human noise ceiling, the paper's rows) and the per-condition records.
+    `images` (rehearsal, `RobustnessConfig.images`): the decisions cover a spread of each set's images, so the
+    trials are cut to those images; otherwise every trial needs a decision (a missing one is an error)."""
     trials = human_consistency.load_trials(datasets=list(datasets))
+    if images:
+        decided = set(zip(decisions["dataset"], decisions["key"]))
+        trials = trials[[k in decided for k in zip(trials["dataset"], trials["key"])]]
     rows, per = [], []
     for label in MODELS:
         d = decisions[decisions.model == label]

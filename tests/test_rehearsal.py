@@ -182,3 +182,24 @@ def test_rehearsal_runs_every_notebook(tmp_path):
             assert (results / f"{name}.csv").exists(), name
     finally:
         shutil.rmtree(data, ignore_errors=True)  # ≈ 15 GB of full-size checkpoints; pytest keeps its last three tmp folders
+
+
+def test_table8_on_a_spread_of_images_cuts_the_trials_only_when_asked():
+    """RobustnessConfig.images (rehearsal) decides on a spread of each model-vs-human set; Table 8 then scores the
+    trials of those images. Without the cap a missing decision stays an error (full profile)."""
+    import pandas as pd
+
+    from pinpp_lib import human_consistency as H
+    from pinpp_lib import robustness as rb
+    from pinpp_lib.ood_sets import spread
+    trials = H.load_trials(datasets=["colour"])
+    keys = spread(sorted(set(zip(trials["key"], trials["condition"], trials["category"]))), 16)
+    assert len(keys) == 16 and len({c for _, c, _ in keys}) == trials["condition"].nunique()  # every condition kept
+    decisions = pd.concat([pd.DataFrame({"model": m, "dataset": "colour", "key": [k for k, _, _ in keys],
+                                         "condition": [c for _, c, _ in keys], "category": [g for _, _, g in keys],
+                                         "decision": [g for _, _, g in keys]}) for m in rb.MODELS])
+    t8, per = rb.table8(decisions, ("colour",), pd.DataFrame(), images=16)
+    assert set(per["model"]) >= set(rb.MODELS) and len(t8) == len(rb.MODELS) + 1
+    assert (t8.set_index("model").loc[list(rb.MODELS), "accuracy_difference"] >= 0).all()
+    with pytest.raises(PinppError, match="no model decision"):
+        rb.table8(decisions, ("colour",), pd.DataFrame())
