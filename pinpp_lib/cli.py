@@ -146,13 +146,11 @@ def _cmd_imagenet_c(a: argparse.Namespace) -> int:
     from . import corruptions
     from . import mpm_experiments as mx
     from .config import resolve
-    from .datasets import val_dataset
     s = resolve(a.profile, data_root=a.data_root, seed=a.seed)
     rc, conv = s.robustness, s.paths.converted
     x, _ = mx.evaluation_set(conv, s.mpm)
     out = a.out or rc.path("imagenet_c", s.paths.data_root)
-    rels = [val_dataset(conv).samples[i][0] for i in mx.evaluation_index(conv, s.mpm)]
-    corruptions.write_imagenet_c(out, x, rels, rc.seed, tuple(a.corruption or rc.corruptions), rc.severities)
+    corruptions.write_imagenet_c(out, x, mx.evaluation_paths(conv, s.mpm), rc.seed, tuple(a.corruption or rc.corruptions), rc.severities)
     print(f"ImageNet-C ({len(x)} images × {len(a.corruption or rc.corruptions)} corruptions × {len(rc.severities)} severities): {out}")
     return 0
 

@@ -150,6 +150,12 @@ def evaluation_index(converted: str | Path, cfg: ExperimentConfig) -> list[int]:
     return spread(list(range(len(val_dataset(converted, None).samples))), cfg.eval_images)
 
 
+def evaluation_paths(converted: str | Path, cfg: ExperimentConfig) -> list[str]:
+    """'<wnid>/<file>' of the images at `evaluation_index`, in the same order (what ImageNet-C is written from)."""
+    from .ood_sets import spread
+    return [rel for rel, _ in spread(val_dataset(converted, None).samples, cfg.eval_images)]
+
+
 def evaluation_set(converted: str | Path, cfg: ExperimentConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The images at `evaluation_index` as tensors, with their labels."""
     return eval_images(converted, cfg.at.transform, index=evaluation_index(converted, cfg))

@@ -120,9 +120,8 @@ def evaluate_folder_set(models: dict[str, nn.Module], name: str, root: str | Pat
     """Per-image records (model, set, index, label, pred, correct) with the set's label convention; `images`: at
     most that many, spread over the set (0: all)."""
     paths, wnids = folder_set(name, root)
-    if images:
-        keep = spread(list(range(len(paths))), images)
-        paths, wnids = [paths[i] for i in keep], [wnids[i] for i in keep]
+    if images and paths:
+        paths, wnids = map(list, zip(*spread(list(zip(paths, wnids)), images)))
     y, keep = label_space(wnids, model_classes)
     recs: list[dict[str, Any]] = []
     for start, logits in stream_logits(models, paths, size, crop_pct, batch_size, device=device, desc=name):

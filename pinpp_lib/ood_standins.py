@@ -165,8 +165,8 @@ def _write_mvh(imgs: dict[str, np.ndarray], root: Path, datasets: tuple[str, ...
     by_cat = {cat: [r for r in rels if idx[r.split("/")[0]] in set(ins)] for cat, ins in human16_map().items()}
     trials = load_trials(datasets=list(datasets))
     for ds, g in trials.groupby("dataset"):
-        keys = sorted(set(zip(g["key"], g["category"])))
-        for n, (key, cat) in zip(spread(list(range(1, len(keys) + 1)), images), tqdm(spread(keys, images), desc=ds, leave=False)):
+        numbered = list(enumerate(sorted(set(zip(g["key"], g["category"]))), 1))  # n: the position among all keys
+        for n, (key, cat) in tqdm(spread(numbered, images), desc=ds, leave=False):
             rng = _rng(seed, ds, key)
             pool = by_cat.get(cat) or rels
             src, other = imgs[pool[rng.integers(len(pool))]], imgs[rels[rng.integers(len(rels))]]
