@@ -214,4 +214,4 @@ def test_run_all_only_and_profile(tmp_path):
     r = subprocess.run(["bash", str(kit / "run_all.sh"), "--only", "09"], capture_output=True, text=True)
     assert r.returncode == 2 and "no notebook notebooks/09_*.ipynb" in r.stderr
     r = subprocess.run(["bash", str(kit / "run_all.sh"), "--profile", "huge"], capture_output=True, text=True)
-    assert r.returncode == 2 and "smoke or full" in r.stderr
+    assert r.returncode == 2 and "smoke, rehearsal or full" in r.stderr
