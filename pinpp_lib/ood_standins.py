@@ -130,7 +130,8 @@ def write_standins(img_root: str | Path, val_list: str | Path, class_supercatego
     from at most that many val images and each model-vs-human set holds at most that many, spread over the
     list (`ood_sets.spread`); 0: all."""
     out = Path(out)
-    samples = spread([line.split()[0] for line in Path(val_list).read_text().splitlines() if line.strip()], images)
+    listed = [line.split()[0] for line in Path(val_list).read_text().splitlines() if line.strip()]
+    samples = spread(listed, images)
     settings = {"seed": seed, "mvh_datasets": list(mvh_datasets), **({"images": images} if images else {})}
     ident = store.Identity("ood-standins", settings,
                            {"val_list": fileio.sha256_file(val_list), "supercategories": fileio.sha256_file(class_supercategories),
@@ -152,7 +153,8 @@ def write_standins(img_root: str | Path, val_list: str | Path, class_supercatego
             crop = img[y0:y0 + s, x0:x0 + s] * rng.uniform(0.6, 1.2, 3)
             _save(crop, out / "imagenet_a_plus" / wnid / f"{stem}.JPEG")
     _write_mvh(imgs, out / "model_vs_human", mvh_datasets, seed, images)
-    _write_class_lists(class_supercategories, wnids, out / "pin_subsets")
+    # every class of the val list, not only those of the sampled images (rehearsal: 16 images of 1000 classes)
+    _write_class_lists(class_supercategories, sorted({rel.split("/")[0] for rel in listed}), out / "pin_subsets")
     store.finish(out, ident, [], {"images": len(samples)}, RECORD)
     return out
 

@@ -202,3 +202,16 @@ def test_config_paths_default_under_the_data_root(tmp_path):
     assert RB.RobustnessConfig(imagenet_c=str(tmp_path / "IC")).path("imagenet_c", "/x") == tmp_path / "IC"
     assert json.loads(json.dumps(RB.MVH_DATASETS)) and len(RB.MVH_DATASETS) == 17
     assert os.path.basename(str(rc.path("model_vs_human", tmp_path))) == "model_vs_human"
+
+
+def test_capped_standins_list_every_pin_class_of_the_val_list(converted, synth, tmp_path):
+    """Rehearsal (`images`): the OOD sets come from a few val images, the PIN class lists from every val class
+    (a 16-image spread over 1000 classes left Tables 4/5 without a class)."""
+    import json
+    S.write_standins(converted / "val_1w" / "img", converted / "val_1w" / "val_list.txt",
+                     synth / "class_supercategories.json", tmp_path, ("colour",), seed=0, images=2)
+    sc = json.loads((synth / "class_supercategories.json").read_text())
+    val_classes = {rel.split("/")[0] for rel, _ in val_dataset(converted).samples}
+    want = sorted(w for w in val_classes if sc.get(w) in S.PIN_SUPERCATEGORIES)
+    assert len(want) > 2 and PS.read_subset(tmp_path / "pin_subsets" / "pin125.txt") == want
+    assert len({p.parent.name for p in (tmp_path / "imagenet_sketch" / "sketch").rglob("*.JPEG")}) <= 2
