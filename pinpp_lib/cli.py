@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from . import distributed
+from . import distributed, jobs
 from .fileio import PinppError
 
 
@@ -96,7 +96,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
     tc = apply_overrides(runs[a.run], sets, "train config")  # every value checked before anything is read
     if "init" not in sets:  # a user's --set init=... wins over the profile's init
         tc = mx.resolve_init(a.run, tc, s.mpm, work)
-    result = train(tc, s.paths.converted, work / a.run, resume=not a.restart)
+    with jobs.job_threads(s.mpm.jobs):  # the numbers notebook 05 gets for this run
+        result = train(tc, s.paths.converted, work / a.run, resume=not a.restart)
     distributed.teardown()
     if result:
         print(json.dumps({k: v for k, v in result.items() if k not in ("config", "classes")}, indent=1))
@@ -165,7 +166,8 @@ def _cmd_seg_train(a: argparse.Namespace) -> int:
     from . import segmentation
     s, sc = _seg_settings(a)
     work = s.paths.work("seg", a.work)
-    res = segmentation.train(a.model, a.task, s.paths.converted, work, sc, a.seed)
+    with jobs.job_threads(sc.jobs):  # the numbers notebooks 02/03 get for this run
+        res = segmentation.train(a.model, a.task, s.paths.converted, work, sc, a.seed)
     distributed.teardown()
     if res:
         print(json.dumps({k: v for k, v in res.items() if k not in ("classes", "cat_ids", "identity")}, indent=1))
@@ -186,7 +188,8 @@ def _cmd_pseudo(a: argparse.Namespace) -> int:
     from . import pseudo_labels, segmentation
     s, sc = _seg_settings(a)
     work = s.paths.work("seg", a.work)
-    run = segmentation.train(sc.pseudo_model, "parts", s.paths.converted, work, sc, s.seg.seeds[0])
+    with jobs.job_threads(sc.jobs):  # the run notebook 02 trains
+        run = segmentation.train(sc.pseudo_model, "parts", s.paths.converted, work, sc, s.seg.seeds[0])
     try:
         k, n = (int(v) for v in a.shard.split("/"))
     except ValueError:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import checkpoint, fileio, plots, store
+from . import checkpoint, fileio, jobs, plots, store
 from .checks import Checked, Rule, above, at_least, device_name, each
 from .few_shot_data import PartImageDataset, Sample, class_split, draw_episodes, episodes
 from .synthetic import SynthConfig
@@ -53,6 +53,7 @@ class FewShotConfig(Checked):
     eval_episodes: int = 1000
     workers: int = 4
     max_steps: int = 0                 # rehearsal: stop pre-training after this many steps (cosine kept at full length); 0: no cap
+    jobs: int = 1                      # method/regions pairs trained at once, one CPU thread each (smoke); 1: in turn
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     synth: SynthConfig | None = None   # a synthetic release to use instead of the real one (smoke)
@@ -61,7 +62,8 @@ class FewShotConfig(Checked):
         "size_meta_baseline": at_least(8), "size_deepemd": at_least(8), "m_parts": at_least(0), "emd_regions": at_least(1),
         "n_way": at_least(2), "shots": each(at_least(1)), "n_query": at_least(1), "pretrain_epochs": at_least(0),
         "pretrain_lr": above(0), "batch_size": at_least(1), "weight_decay": at_least(0), "meta_episodes": at_least(0),
-        "meta_lr": above(0), "eval_episodes": at_least(1), "workers": at_least(0), "max_steps": at_least(0), "seed": at_least(0), "device": device_name}
+        "meta_lr": above(0), "eval_episodes": at_least(1), "workers": at_least(0), "max_steps": at_least(0), "jobs": at_least(1),
+        "seed": at_least(0), "device": device_name}
 
 
 def _regions(method: str, variant: str, cfg: FewShotConfig) -> int:
@@ -144,7 +146,7 @@ def meta_train(model: FewShotNet, ds: PartImageDataset, cfg: FewShotConfig, meth
 
 # Settings that do not change a trained model (evaluation, loader workers, device, the synthetic source —
 # whose samples are an input of their own).
-_NOT_TRAINING = ("eval_episodes", "workers", "device", "shots", "synth")
+_NOT_TRAINING = ("eval_episodes", "workers", "device", "shots", "synth", "jobs")
 
 
 def train_model(samples: list[Sample], cfg: FewShotConfig, method: str, variant: str, shot: int,
@@ -238,18 +240,28 @@ def plot_parts(samples: list[Sample], cfg: FewShotConfig, weights: pd.DataFrame,
 
 
 def run(samples: list[Sample], cfg: FewShotConfig, work: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Train and evaluate every method × regions × shot. Returns per-episode records and the learned
-    branch weights of the Meta-Baseline object+part models (image, part 1..M) per shot."""
+    """Train and evaluate every method × regions × shot (`cfg.jobs` method/regions pairs at a time). Returns
+    per-episode records and the learned branch weights of the Meta-Baseline object+part models (image, part
+    1..M) per shot."""
     work = Path(work)
+    targets = datasets(samples, cfg, "meta_baseline", "object", train=False).targets()
+    for shot in cfg.shots:  # drawn here, once: every model of a table is scored on them (and jobs never race to write)
+        episodes(work / f"test_episodes_{shot}shot.json", targets, cfg.n_way, shot, cfg.n_query, cfg.eval_episodes, cfg.seed)
+    pairs = [(name, method, variant) for name, method in METHODS.items() for variant in VARIANTS]
+    out = jobs.map_jobs(_run_pair, [(samples, cfg, *p, work) for p in pairs], cfg.jobs, "few-shot models")
+    return pd.DataFrame([r for recs, _ in out for r in recs]), pd.DataFrame([w for _, ws in out for w in ws])
+
+
+def _run_pair(samples: list[Sample], cfg: FewShotConfig, name: str, method: str, variant: str,
+              work: Path) -> tuple[list[dict], list[dict]]:
+    """One method and regions variant at every shot: (per-episode records, branch weights)."""
     records, weights = [], []
-    for name, method in METHODS.items():
-        for variant in VARIANTS:
-            for shot in cfg.shots:
-                model = train_model(samples, cfg, method, variant, shot, work)
-                recs = evaluate(model, samples, cfg, method, variant, shot, work / f"test_episodes_{shot}shot.json")
-                records += [{"method": name, "variant": variant, **r} for r in recs]
-                if len(model.branches):
-                    w = model.mix_weights().detach().cpu().tolist()
-                    weights += [{"method": name, "shot": f"{shot}-shot", "input": "image" if i == 0 else f"part {i}",
-                                 "weight": v} for i, v in enumerate(w)]
-    return pd.DataFrame(records), pd.DataFrame(weights)
+    for shot in cfg.shots:
+        model = train_model(samples, cfg, method, variant, shot, work)
+        recs = evaluate(model, samples, cfg, method, variant, shot, work / f"test_episodes_{shot}shot.json")
+        records += [{"method": name, "variant": variant, **r} for r in recs]
+        if len(model.branches):
+            w = model.mix_weights().detach().cpu().tolist()
+            weights += [{"method": name, "shot": f"{shot}-shot", "input": "image" if i == 0 else f"part {i}",
+                         "weight": v} for i, v in enumerate(w)]
+    return records, weights

@@ -23,11 +23,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, fileio, layout, models, plots, reporting, robust_eval
+from . import checkpoint, fileio, jobs, layout, models, plots, reporting, robust_eval
 from .datasets import TransformConfig, eval_transform, require_train_labels, val_dataset
 from .checks import Checked, Rule, at_least, device_name, each, one_of
 from .robust_eval import EvalConfig
-from .training import TrainConfig, load_trained, train
+from .training import TrainConfig, finished, load_trained, train
 
 TABLE7_VARIANTS = ("twostage", "mpm_sv1", "mpm_sv2", "mpm", "mpm_sv3_notd")
 VARIANT_NAMES = {"plain": "vanilla", "twostage": "two-stage", "mpm_sv1": "SV1", "mpm_sv2": "SV2 w/ TD",
@@ -52,19 +52,23 @@ class ExperimentConfig(Checked):
     ablation_mode: str = "autoattack"  # or "pgd": PGD-k, flagged non-standard in records and tables
     eval_images: int = 0               # rehearsal: N images spread over the evaluation list; 0: all of it
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    LIMITS: ClassVar[dict[str, Rule]] = {"clean_epochs": at_least(0), "clean_min_lr": at_least(0), "lambdas": each(at_least(0)),
+    jobs: int = 1                      # runs trained at once, one CPU thread each (smoke: 2 cores); 1: one after another
+    LIMITS: ClassVar[dict[str, Rule]] = {"clean_epochs": at_least(0), "jobs": at_least(1), "clean_min_lr": at_least(0), "lambdas": each(at_least(0)),
                                          "eval_images": at_least(0),
                                          "ablation_threats": each(one_of(*robust_eval.THREATS)),
                                          "ablation_mode": one_of("autoattack", "pgd"), "device": device_name}
 
 
 def plan(cfg: ExperimentConfig) -> dict[str, TrainConfig]:
-    """Run name → TrainConfig. Every part-supervised run trains on `cfg.at.seg_dir` (real + pseudo CF labels by
-    default); only Table 6's ablations change the masks. Vanilla AT has no init stage (authors: it starts from
+    """Run name → TrainConfig: the clean runs (vanilla; MPM, for notebook 06) and every AT run. Every part-supervised
+    run trains on `cfg.at.seg_dir` (real + pseudo CF labels by default); only Table 6's ablations change the masks. Vanilla AT has no init stage (authors: it starts from
     the torchvision weights, fc included)."""
     at = cfg.at
     runs = {"clean_vanilla": dataclasses.replace(at, variant="plain", adversarial=False, epochs=cfg.clean_epochs,
                                                  init="none", init_stage_epochs=0, min_lr=cfg.clean_min_lr)}
+    # the clean MPM model of notebook 06 (the authors' resnet50_part_pp_ori.yaml: the clean recipe, from scratch,
+    # real + pseudo CF labels); planned here so that it trains beside the clean run, before the AT runs need a core
+    runs["clean_mpm"] = dataclasses.replace(runs["clean_vanilla"], variant="mpm")
     init = {} if cfg.at_init == "clean_run" else {"init": cfg.at_init}
     for v in TABLE7_VARIANTS:
         runs[f"at_{v}"] = dataclasses.replace(at, variant=v, **init)
@@ -95,7 +99,7 @@ def recipe_note(at: TrainConfig) -> str:
 def resolve_init(name: str, tc: TrainConfig, cfg: ExperimentConfig, work: str | Path) -> TrainConfig:
     """With at_init="clean_run", AT runs start from the EMA backbone of this experiment's clean run
     (it stands in for pretrained ImageNet weights, which cannot be downloaded here)."""
-    if cfg.at_init != "clean_run" or name == "clean_vanilla":
+    if not _starts_from_clean_run(tc, cfg):  # clean runs (vanilla, notebook 06's MPM) train from scratch
         return tc
     clean = Path(work) / "clean_vanilla"
     if not (clean / "done.json").exists():
@@ -104,14 +108,31 @@ def resolve_init(name: str, tc: TrainConfig, cfg: ExperimentConfig, work: str | 
 
 
 def run_training(runs: dict[str, TrainConfig], cfg: ExperimentConfig, converted: str | Path, work: str | Path) -> dict[str, dict]:
-    """Train every run (resumable: finished runs are skipped). The clean run goes first."""
+    """Train every run (resumable: finished runs are skipped). The clean run goes first when the AT runs start
+    from it; the others run `cfg.jobs` at a time (`jobs.map_jobs`)."""
     work = Path(work)
     for seg_dir in sorted({tc.seg_dir for tc in runs.values() if tc.part_supervised}):
         require_train_labels(converted, seg_dir)  # before any run starts: a missing folder must not cost a finished run
+    order = sorted(runs, key=lambda n: n != "clean_vanilla")
+    later = {n for n in order if _starts_from_clean_run(runs[n], cfg)}
     done: dict[str, dict] = {}
-    for name in tqdm(sorted(runs, key=lambda n: n != "clean_vanilla"), desc="training runs"):
-        done[name] = train(resolve_init(name, runs[name], cfg, work), converted, work / name)
-    return done
+    for wave in ([n for n in order if n not in later], [n for n in order if n in later]):
+        todo = []
+        for name in wave:
+            tc = resolve_init(name, runs[name], cfg, work)
+            # side by side: a finished run is found here, without starting a process for it
+            rec = finished(tc, converted, work / name) if cfg.jobs > 1 else None
+            if rec is None:
+                todo.append((name, tc))
+            else:
+                done[name] = rec
+        results = jobs.map_jobs(train, [(tc, converted, work / name) for name, tc in todo], cfg.jobs, "training runs")
+        done.update((name, rec) for (name, _), rec in zip(todo, results))
+    return {n: done[n] for n in order}
+
+
+def _starts_from_clean_run(tc: TrainConfig, cfg: ExperimentConfig) -> bool:
+    return cfg.at_init == "clean_run" and tc.adversarial
 
 
 def _backbone_weights(run_dir: Path) -> Path:

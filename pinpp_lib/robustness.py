@@ -13,7 +13,6 @@ Every number comes from per-image (per-trial) records kept in `results/records/`
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -68,11 +67,10 @@ class RobustnessConfig(Checked):
 
 
 def plan_models(e: mx.ExperimentConfig) -> dict[str, TrainConfig]:
-    """The four runs: notebook 05's clean vanilla and AT runs, plus a clean MPM run with the clean recipe
-    (the authors' resnet50_part_pp_ori.yaml: from scratch, no init stage, real + pseudo CF labels)."""
+    """The four runs of notebook 05's plan this notebook evaluates: the clean vanilla and clean MPM runs (the
+    authors' resnet50_sgd_ori.yaml / resnet50_part_pp_ori.yaml: from scratch, no init stage) and the two AT runs."""
     runs = mx.plan(e)
-    return {"clean_vanilla": runs["clean_vanilla"], "clean_mpm": dataclasses.replace(runs["clean_vanilla"], variant="mpm"),
-            "at_plain": runs["at_plain"], "at_mpm": runs["at_mpm"]}
+    return {name: runs[name] for name in ("clean_vanilla", "clean_mpm", "at_plain", "at_mpm")}
 
 
 def load_models(trained: dict[str, dict], device: str) -> tuple[dict[str, nn.Module], list[str], dict[str, str]]:

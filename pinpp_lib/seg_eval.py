@@ -25,7 +25,7 @@ import torch
 from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
-from . import fileio, plots, segmentation, store
+from . import fileio, jobs, plots, segmentation, store
 from .segmentation import CONFIGS
 
 IOU_TYPES = {"segm": "mask", "bbox": "box"}
@@ -242,13 +242,10 @@ def table10(rows: pd.DataFrame) -> pd.DataFrame:
 
 def evaluate_runs(runs: dict, converted: str | Path, split: str, eval_task: str, sc: segmentation.SegConfig
                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """`evaluate_run` over several runs: (one row per run and variant, per-category records)."""
-    rows, per = [], []
-    for run in tqdm(list(runs.values()), desc=f"evaluating on {eval_task}_{split}"):
-        r, p = evaluate_run(run, converted, split, eval_task, sc)
-        rows += r
-        per.append(p)
-    return pd.DataFrame(rows), pd.concat(per, ignore_index=True)
+    """`evaluate_run` over several runs (`sc.jobs` at a time): (one row per run and variant, per-category records)."""
+    out = jobs.map_jobs(evaluate_run, [(run, converted, split, eval_task, sc) for run in runs.values()], sc.jobs,
+                        f"evaluating on {eval_task}_{split}")
+    return pd.DataFrame([r for rows, _ in out for r in rows]), pd.concat([p for _, p in out], ignore_index=True)
 
 
 def _colour(i: int) -> np.ndarray:

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Iterator
 
 import torch
 
-from . import checkpoint, distributed, fileio, store
+from . import checkpoint, distributed, fileio, jobs, store
 from .checks import Checked, Rule, above, all_of, at_least, between, device_name, each, one_of, ordered
 from .fileio import PinppError
 
@@ -65,6 +65,7 @@ class SegConfig(Checked):
     test_batch: int = 8
     score_thr: float = 0.05      # evaluation: COCO-style, up to 100 detections per image
     eval_images: int = 0         # rehearsal: score the first N images of a split only; 0: all
+    jobs: int = 1                # runs trained (and scored) at once, one CPU thread each (smoke); 1: one after another
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     LIMITS: ClassVar[dict[str, Rule]] = {
         "models": each(one_of(*CONFIGS)), "object_models": each(one_of(*CONFIGS)), "pseudo_model": one_of(*CONFIGS),
@@ -72,7 +73,8 @@ class SegConfig(Checked):
         "lr_steps": all_of(each(between(0, 1)), ordered), "warmup_iters": at_least(0), "weight_decay": at_least(0),
         "width": above(0), "vit_depth": at_least(1), "num_fed_classes": at_least(1), "rois_per_image": at_least(1),
         "rfs_threshold": at_least(0), "workers": at_least(0), "ckpt_every": at_least(1), "log_every": at_least(1),
-        "test_batch": at_least(1), "score_thr": between(0, 1), "eval_images": at_least(0), "device": device_name}
+        "test_batch": at_least(1), "score_thr": between(0, 1), "eval_images": at_least(0), "jobs": at_least(1),
+        "device": device_name}
 
 
 def config_path(name: str) -> Path:
@@ -243,7 +245,7 @@ def _identity(name: str, task: str, seed: int, sc: SegConfig, ann_file: Path) ->
     and the bytes of the training file."""
     d = {k: v for k, v in dataclasses.asdict(sc).items()
          if k not in ("models", "object_models", "pseudo_model", "seeds", "workers", "device", "test_batch", "score_thr", "log_every",
-                       "eval_images")}
+                       "eval_images", "jobs")}
     return store.Identity("seg-train", {"config": name, "task": task, "seed": seed, "seg": d, "train_file": ann_file.name},
                           {"train_file": fileio.sha256_file(ann_file)})
 
@@ -334,7 +336,16 @@ def load_model(run: str | Path | dict, device: str = "cpu"):
 
 def run_all(names: tuple[str, ...], tasks: tuple[str, ...], converted: str | Path, work: str | Path, sc: SegConfig,
             seeds: tuple[int, ...] = (0,)) -> dict[tuple[str, str, int], dict]:
-    """Train every (config, task, seed) not finished yet; (name, task, seed) → done record."""
-    from tqdm.auto import tqdm
-    jobs = [(n, t, s) for t in tasks for n in names for s in seeds]
-    return {j: train(j[0], j[1], converted, work, sc, j[2]) for j in tqdm(jobs, desc="segmentation runs")}
+    """Train every (config, task, seed) not finished yet, `sc.jobs` at a time; (name, task, seed) → done record."""
+    keys = [(n, t, s) for t in tasks for n in names for s in seeds]
+    done = {k: finished(k[0], k[1], converted, work, sc, k[2]) if sc.jobs > 1 else None for k in keys}
+    todo = [k for k in keys if done[k] is None]  # side by side: no process is started for a finished run
+    results = jobs.map_jobs(train, [(n, t, converted, work, sc, s) for n, t, s in todo], sc.jobs, "segmentation runs")
+    done.update(zip(todo, results))
+    return done
+
+
+def finished(name: str, task: str, converted: str | Path, work: str | Path, sc: SegConfig, seed: int = 0) -> dict[str, Any] | None:
+    """The done record of a finished run of this identity (what `train` would return at once), else None."""
+    ann = annotation_file(converted, task, "train")
+    return store.finished(run_dir(work, name, task, seed), _identity(name, task, seed, sc, ann))

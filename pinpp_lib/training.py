@@ -224,6 +224,15 @@ def _reduce_bn(module: nn.Module, world: int) -> None:
             buf.div_(world)
 
 
+def finished(cfg: TrainConfig, data: str | Path, out: str | Path) -> dict[str, Any] | None:
+    """The done record of the run at `out` if it finished with this config and these inputs (what `train` would
+    return without training), else None."""
+    if cfg.part_supervised:
+        require_train_labels(data, cfg.seg_dir)
+    base = PartSegDataset(data, object_mask=cfg.object_mask, seg_dir=cfg.seg_dir if cfg.part_supervised else None)
+    return store.finished(Path(out), identity(cfg, base))
+
+
 def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = True) -> dict[str, Any]:
     """Train one model on the converted data at `data`; write checkpoints and final weights to `out`."""
     out = Path(out)
