@@ -129,6 +129,21 @@ def _cmd_eval_aa(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_official(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import released
+    classes = None
+    if a.classes:
+        if not Path(a.classes).is_file():
+            raise PinppError(f"--classes {a.classes}: no such file; pass a file with one wnid per line")
+        classes = [ln.split()[0] for ln in Path(a.classes).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    rec = released.import_official(a.checkpoint, a.arch, a.out, a.weights, classes)
+    print(json.dumps({k: rec[k] for k in ("variant", "num_classes", "seg_classes", "params", "deployable_params", "weights",
+                                          "sha256", "source")}, indent=1))
+    return 0
+
+
 def _cmd_human(a: argparse.Namespace) -> int:
     from . import human_consistency as H
     trials = H.load_trials(a.trials, a.dataset)
@@ -295,6 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--limit", type=int, help="label only the first N unlabelled images (a dry run)")
             sp.add_argument("--shard", default="0/1", help="K/N: this process labels every N-th image from the K-th "
                                                            "(one process per GPU: CUDA_VISIBLE_DEVICES=K ... --shard K/N)")
+
+    io = sub.add_parser("import-official", help="one of the authors' released checkpoints as a kit run folder "
+                                                 "(eval-aa, notebooks 05/06 read it)")
+    io.add_argument("checkpoint", help="the authors' .pth.tar (timm CheckpointSaver layout) or a bare state_dict")
+    io.add_argument("--arch", required=True, choices=("plain", "mpm", "mpm_sv1", "mpm_sv2", "mpm_sv3_notd", "twostage"))
+    io.add_argument("--out", required=True, help="the run folder to write")
+    io.add_argument("--weights", choices=("ema", "raw"), default="ema", help="state_dict_ema (the authors' eval.py) or state_dict")
+    io.add_argument("--classes", help="file of the model's output wnids, one per line (default: the 1000 IN-1K classes, sorted)")
+    io.set_defaults(fn=_cmd_import_official)
 
     hc = sub.add_parser("human-consistency", help="model-vs-human metrics of a model's decisions, or the human ceiling")
     hc.add_argument("--decisions", help="CSV with dataset, imagename (or key), decision (one of the 16 categories); "
