@@ -124,7 +124,8 @@ def _cmd_eval_aa(a: argparse.Namespace) -> int:
     if a.mode == "pgd":
         print("note: PGD dev mode is NOT the standard AutoAttack evaluation; do not report these numbers as such",
               file=sys.stderr)
-    records = robust_eval.evaluate(model, x, y, meta["num_classes"], ecfg, Path(a.run_dir) / "aa", a.start, s.mpm.device)
+    with jobs.job_threads(s.mpm.jobs):  # the numbers notebook 05 gets for this run
+        records = robust_eval.evaluate(model, x, y, meta["num_classes"], ecfg, Path(a.run_dir) / "aa", a.start, s.mpm.device)
     print(json.dumps(robust_eval.summarise(records), indent=1))
     return 0
 

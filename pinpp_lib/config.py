@@ -56,14 +56,14 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         # for the pretrained ImageNet weights that initialise the AT runs (no downloads here).
         # The clean run needs its 750 steps: with 8 epochs it stays near chance (17 %) and the AT runs that start from
         # it fall below AutoAttack's clean floor; 30 epochs give 42 %.
-        # AutoAttack costs ~1.5 min per model and threat here (40 images; Square's 5000 queries dominate): smoke
-        # attacks Table 3's two models at L∞ 4/255 (the threat of the reference rows) and checks the ablations with
-        # PGD-20, flagged non-standard.
+        # AutoAttack costs ~1.5 min per model and threat on 20 images (Square's 5000 queries dominate): smoke evaluates
+        # 20 of the 40 val images (2 per class) and attacks Table 3's two models at L∞ 4/255 (the threat of the
+        # reference rows) side by side; the ablations are checked with PGD-20, flagged non-standard.
         # Independent runs train 2 at a time, one CPU thread each (`jobs`): ~1.5x sooner on 2 cores, and numbers that do
         # not depend on the machine's core count. The same in notebooks 02/03 (segmentation runs) and 07.
         # The AT schedule is the paper's shrunk to 2 epochs: lr warm-up over half an epoch, the PGD step warmed up
         # per epoch over 1 (0 in epoch 0, full in epoch 1), so that the short run still attacks at full strength.
-        "mpm": {"clean_epochs": 30, "at_init": "clean_run", "device": "cpu", "lambdas": (2.0,), "jobs": 2,
+        "mpm": {"clean_epochs": 30, "at_init": "clean_run", "device": "cpu", "lambdas": (2.0,), "jobs": 2, "eval_images": 20,
                 "ablation_mode": "pgd",
                 "at": {"arch": "tiny", "epochs": 2, "batch_size": 32, "lr": 1.6, "init_stage_epochs": 1, "workers": 0,
                        "ema_decay": 0.98, "ckpt_every": 100, "log_every": 5, "warmup_epochs": 0.5,
@@ -92,7 +92,7 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
                                           size=64, seed=5),
                      "split": (10, 5, 5), "channels": (16, 32, 64, 128), "branch_channels": (8, 16, 32),
                      "size_meta_baseline": 40, "size_deepemd": 40, "emd_regions": 3, "n_query": 5,
-                     "pretrain_epochs": 12, "batch_size": 50, "pretrain_lr": 0.05, "meta_episodes": 20, "meta_lr": 0.002,
+                     "pretrain_epochs": 12, "batch_size": 50, "pretrain_lr": 0.05, "meta_episodes": 10, "meta_lr": 0.002,
                      "eval_episodes": 40, "workers": 0, "device": "cpu", "jobs": 2},
     },
     # The full settings (component defaults) with only sizes cut: images, steps, batch, device. Nothing here picks

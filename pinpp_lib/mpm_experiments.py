@@ -50,7 +50,7 @@ class ExperimentConfig(Checked):
     eval: EvalConfig = field(default_factory=EvalConfig)   # Table 3: vanilla AT and MPM AT
     ablation_threats: tuple[str, ...] = ("Linf-4/255",)  # Tables 7, A4, 6-right and Fig. A1
     ablation_mode: str = "autoattack"  # or "pgd": PGD-k, flagged non-standard in records and tables
-    eval_images: int = 0               # rehearsal: N images spread over the evaluation list; 0: all of it
+    eval_images: int = 0               # smoke, rehearsal: N images spread over the evaluation list; 0: all of it
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     jobs: int = 1                      # runs trained at once, one CPU thread each (smoke: 2 cores); 1: one after another
     LIMITS: ClassVar[dict[str, Rule]] = {"clean_epochs": at_least(0), "jobs": at_least(1), "clean_min_lr": at_least(0), "lambdas": each(at_least(0)),
@@ -191,21 +191,29 @@ def run_evaluation(trained: dict[str, dict], cfg: ExperimentConfig, x: torch.Ten
     "table3"    `cfg.eval` (all four threats in full), Table 3's runs only;
     "ablation"  `ablation_threats` / `ablation_mode`, every AT run, so that Tables 7, A4, 6-right and
                 Fig. A1 compare like with like. Identical shards are computed once (records are cached).
-    A run below the clean-accuracy floor is recorded (clean flags) but not attacked.
+    A run below the clean-accuracy floor is recorded (clean flags) but not attacked. Runs are evaluated
+    `cfg.jobs` at a time (each attack with one CPU thread when side by side).
     """
     ablation = dataclasses.replace(cfg.eval, threats=cfg.ablation_threats, mode=cfg.ablation_mode)
-    rows = []
-    for name, res in tqdm(trained.items(), desc="evaluating runs"):
-        if name == "clean_vanilla":
-            continue  # the clean run only initialises the AT runs in smoke; the tables hold AT models
-        model, meta = load_trained(res["out"], cfg.device)
-        for protocol, ecfg in ([("table3", cfg.eval)] if name in TABLE3_RUNS else []) + [("ablation", ablation)]:
-            recs = robust_eval.evaluate_or_skip(model, x, y, meta["num_classes"], ecfg, Path(res["out"]) / "aa",
-                                                device=cfg.device)
-            rows += [{"run": name, "protocol": protocol, **r} for r in recs]
-    df = pd.DataFrame(rows)
+    # this notebook's tables hold AT models; the clean runs are notebook 06's (and smoke's init)
+    names = [name for name, res in trained.items() if res["config"].get("adversarial", True)]
+    order = sorted(names, key=lambda n: n not in TABLE3_RUNS)  # the costly AutoAttack jobs start first, side by side
+    per_run = dict(zip(order, jobs.map_jobs(_evaluate_run, [(n, trained[n]["out"], cfg, ablation, x, y) for n in order],
+                                            cfg.jobs, "evaluating runs")))
+    df = pd.DataFrame([row for name in names for row in per_run[name]])
     df["robust"] = df["robust"].map(lambda v: np.nan if v is None else float(v))  # NaN: not attacked
     return df
+
+
+def _evaluate_run(name: str, out: str, cfg: ExperimentConfig, ablation: EvalConfig, x: torch.Tensor,
+                  y: torch.Tensor) -> list[dict[str, Any]]:
+    """One run's records under its protocols (a job of `run_evaluation`)."""
+    model, meta = load_trained(out, cfg.device)
+    rows = []
+    for protocol, ecfg in ([("table3", cfg.eval)] if name in TABLE3_RUNS else []) + [("ablation", ablation)]:
+        recs = robust_eval.evaluate_or_skip(model, x, y, meta["num_classes"], ecfg, Path(out) / "aa", device=cfg.device)
+        rows += [{"run": name, "protocol": protocol, **r} for r in recs]
+    return rows
 
 
 def _acc(records: pd.DataFrame, run: str, threat: str, col: str = "robust",
