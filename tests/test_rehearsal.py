@@ -160,6 +160,7 @@ def test_rehearsal_runs_every_notebook(tmp_path):
     """Every notebook under the rehearsal profile; the runtime per notebook is written to
     <data root>/results/rehearsal_runtime.json and printed."""
     data, results = tmp_path / "data", tmp_path / "results"
+    (results / "executed").mkdir(parents=True)  # papermill writes into an existing folder only
     times = {}
     try:
         for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
