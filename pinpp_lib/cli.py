@@ -145,6 +145,23 @@ def _cmd_import_official(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_zoo(a: argparse.Namespace) -> int:
+    from . import zoo
+    if a.zoo_cmd == "list":
+        for e in zoo.entries().values():
+            pub = f"{e.published_clean:g} / {e.published_linf4:g} ({e.published_eval})" if e.published_clean else "not listed"
+            print(f"{e.name:26s} {e.model:32s} {e.arch:14s} clean / Linf-4/255: {pub}; weights: {e.url}")
+        return 0
+    if a.zoo_cmd == "fetch":
+        from .config import resolve
+        folder = a.dir or resolve("full").paths.data_root / "released"
+        print(zoo.fetch(a.name, folder, a.url))
+        return 0
+    rec = zoo.import_zoo(a.name, a.weights, a.out)
+    print(json.dumps({k: rec[k] for k in ("variant", "params", "weights", "sha256", "source")}, indent=1))
+    return 0
+
+
 def _cmd_human(a: argparse.Namespace) -> int:
     from . import human_consistency as H
     trials = H.load_trials(a.trials, a.dataset)
@@ -320,6 +337,19 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--weights", choices=("ema", "raw"), default="ema", help="state_dict_ema (the authors' eval.py) or state_dict")
     io.add_argument("--classes", help="file of the model's output wnids, one per line (default: the 1000 IN-1K classes, sorted)")
     io.set_defaults(fn=_cmd_import_official)
+
+    zp = sub.add_parser("zoo", help="Table 3's public ResNet-50 AT models: list, fetch, import as kit runs")
+    zsub = zp.add_subparsers(dest="zoo_cmd", required=True)
+    zsub.add_parser("list", help="the models, where their weights are published, their published numbers")
+    zf = zsub.add_parser("fetch", help="download a model's weights (sha256 checked where known)")
+    zf.add_argument("name")
+    zf.add_argument("--dir", help="target folder (default: <full data root>/released)")
+    zf.add_argument("--url", help="another URL for the same file (a mirror, file://...)")
+    zi = zsub.add_parser("import", help="a model's weights file as a kit run folder (eval-aa reads it)")
+    zi.add_argument("name")
+    zi.add_argument("--weights", required=True)
+    zi.add_argument("--out", required=True)
+    zp.set_defaults(fn=_cmd_zoo)
 
     hc = sub.add_parser("human-consistency", help="model-vs-human metrics of a model's decisions, or the human ceiling")
     hc.add_argument("--decisions", help="CSV with dataset, imagename (or key), decision (one of the 16 categories); "

@@ -161,8 +161,27 @@ VARIANTS = {  # name → (bypass scales, top-down) ; None = no bypass
 }
 
 
+def _with_normalisation(net: nn.Module) -> nn.Module:
+    net.register_forward_pre_hook(_normalise_hook)
+    return net
+
+
+def _tv_resnet50(num_classes: int) -> nn.Module:
+    import torchvision
+    return _with_normalisation(torchvision.models.resnet50(num_classes=num_classes))
+
+
+# Public ResNet-50s of Table 3's reference rows (`zoo.py`), taking [0, 1] images like the kit's own models.
+PUBLIC = {"tv_resnet50": _tv_resnet50,  # torchvision ResNet-50 (ReLU): RobustBench's ImageNet R50 entries
+          "timm_resnet50": lambda n: _with_normalisation(ResNet(Bottleneck, [3, 4, 6, 3], num_classes=n)),  # timm, ReLU
+          "resnet50_gelu": lambda n: resnet_gelu(n)}
+
+
 def build(variant: str, size: str = "r50", num_classes: int = 1000, seg_classes: int = 3311) -> nn.Module:
-    """Create a model by variant ('plain', 'mpm', 'mpm_sv1', ...) and size ('r50' or 'tiny')."""
+    """Create a model by variant ('plain', 'mpm', 'mpm_sv1', ..., or a `PUBLIC` architecture) and size ('r50' or
+    'tiny'; public architectures are R50)."""
+    if variant in PUBLIC:
+        return PUBLIC[variant](num_classes)
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
     arch = {"r50": _R50, "tiny": _TINY}[size]

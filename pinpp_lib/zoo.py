@@ -1,0 +1,182 @@
+"""Table 3's public ResNet-50 AT models: where their weights are, and how they become kit runs (issue 14).
+
+`pinpp_lib/data/zoo.csv` holds one row per model (the published location, file layout, architecture,
+preprocessing and the numbers its authors report). `fetch` downloads a file with a progress bar and checks its
+sha256 where the row has one; Google Drive files (RobustBench's copies) go through `robustbench` when it is
+installed, else the one line that says where to put the file. `import_zoo` loads a file with
+`torch.load(weights_only=True)` (`argparse.Namespace` allowed, as in timm checkpoints), strips the row's key
+prefixes, checks and drops a stored normalisation layer (the kit's models normalise inside), and loads the rest
+strictly into the row's architecture; the result is an ordinary run folder (`training.load_trained`,
+`pinpp eval-aa --run-dir`) that the kit evaluates with its own preprocessing on the authors' list.
+"""
+from __future__ import annotations
+
+import csv
+import urllib.request
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint, fileio, imagenet, models, store
+from .fileio import PinppError
+from .datasets import TransformConfig
+from .released import _jsonable, read_checkpoint
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    model: str
+    paper: str
+    arch: str
+    url: str
+    file: str
+    sha256: str
+    container: tuple[str, ...]
+    strip: tuple[str, ...]
+    preprocessing: str
+    published_clean: float | None
+    published_linf4: float | None
+    published_eval: str
+    checked: str
+
+
+def entries() -> dict[str, ZooEntry]:
+    """name → entry, from the shipped `zoo.csv`."""
+    with resources.files("pinpp_lib.data").joinpath("zoo.csv").open() as f:
+        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    num = lambda v: float(v) if v else None  # noqa: E731
+    return {r["name"]: ZooEntry(r["name"], r["model"], r["paper"], r["arch"], r["url"], r["file"], r["sha256"],
+                                tuple(r["container"].split(";")), tuple(p for p in r["strip"].split(";") if p),
+                                r["preprocessing"], num(r["published_clean"]), num(r["published_linf4"]), r["published_eval"],
+                                r["checked"])
+            for r in rows}
+
+
+def entry(name: str) -> ZooEntry:
+    zoo = entries()
+    if name not in zoo:
+        raise PinppError(f"unknown zoo model {name!r}; `pinpp zoo list` shows {', '.join(zoo)}")
+    return zoo[name]
+
+
+def default_path(e: ZooEntry, folder: str | Path) -> Path:
+    return Path(folder) / (e.file or f"{e.name}.pth")
+
+
+def fetch(name: str, folder: str | Path, url: str | None = None) -> Path:
+    """Download the weights of `name` into `folder` (kept if already there with the right sha256); returns the path.
+    `url` overrides the row's (e.g. a mirror or a file:// copy)."""
+    e = entry(name)
+    dest = default_path(e, folder)
+    src = url or e.url
+    if dest.is_file() and (not e.sha256 or fileio.sha256_file(dest) == e.sha256):
+        return dest
+    if src.startswith("repo:"):
+        raise PinppError(f"{name}: its weights are published at {src[5:]} (no direct link); download them from there "
+                         f"and run `pinpp zoo import {name} --weights FILE --out RUN_DIR`")
+    if src.startswith("gdrive:"):
+        return _fetch_gdrive(name, src[7:], dest, e.sha256)
+    tmp = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _download(src, tmp, dest.name)
+    except OSError as err:  # offline, 404, refused: one line with where to get it
+        tmp.unlink(missing_ok=True)
+        raise PinppError(f"{name}: could not download {src} ({type(err).__name__}); download it by hand and put it at "
+                         f"{dest}") from None
+    got = fileio.sha256_file(tmp)
+    if e.sha256 and got != e.sha256:
+        tmp.unlink()
+        raise PinppError(f"{name}: {src} has sha256 {got[:12]}, the zoo expects {e.sha256[:12]}; the file changed "
+                         "upstream or the download is corrupt — nothing was kept")
+    tmp.replace(dest)
+    return dest
+
+
+def _download(url: str, to: Path, label: str) -> None:
+    from tqdm.auto import tqdm
+    with urllib.request.urlopen(url, timeout=60) as r, open(to, "wb") as f:
+        total = int(r.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=label) as bar:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+
+
+def _fetch_gdrive(name: str, gid: str, dest: Path, sha256: str) -> Path:
+    try:
+        from robustbench.utils import download_gdrive_new  # RobustBench's own downloader (gdown)
+    except ImportError:
+        raise PinppError(f"{name}: a Google Drive file (RobustBench's copy): download https://drive.google.com/uc?id={gid} "
+                         f"and put it at {dest} (or pip install robustbench and re-run)") from None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    download_gdrive_new(gid, str(dest))
+    if sha256 and fileio.sha256_file(dest) != sha256:
+        raise PinppError(f"{name}: {dest} does not have the zoo's sha256 {sha256[:12]}; delete it and download again")
+    return dest
+
+
+def state_dict_from(obj: dict[str, Any], e: ZooEntry, where: str) -> dict[str, torch.Tensor]:
+    """The row's state_dict inside a loaded file: the first `container` key present ("" = the file itself),
+    its `strip` prefixes removed, a stored normalisation layer checked against ImageNet's and dropped."""
+    sd = None
+    for key in e.container:
+        if key == "" and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            sd = obj
+        elif key and isinstance(obj.get(key), dict):
+            sd = obj[key]
+        if sd is not None:
+            break
+    if sd is None:
+        raise PinppError(f"{where}: none of {[k or '(the file itself)' for k in e.container]} holds a state_dict "
+                         f"(the file has {sorted(obj)[:8]}); is it the {e.model} file?")
+    out = {}
+    for k, v in sd.items():
+        for p in e.strip:
+            if k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    for suffix, ours in (("mean", imagenet.IMAGENET_MEAN), ("std", imagenet.IMAGENET_STD)):
+        for k in [k for k in out if k.split(".")[-1] == suffix and "." in k and out[k].numel() == 3]:
+            if not torch.allclose(out[k].flatten().float(), torch.tensor(ours), atol=1e-4):
+                raise PinppError(f"{where}: its normalisation {k} = {out[k].flatten().tolist()} is not ImageNet's; "
+                                 "the kit's models normalise with ImageNet's mean/std")
+            del out[k]  # the kit's model normalises inside
+    return out
+
+
+def import_zoo(name: str, weights: str | Path, out: str | Path) -> dict[str, Any]:
+    """The zoo model `name` from its weights file as a kit run folder; returns the done record."""
+    e, src, out = entry(name), Path(weights), Path(out)
+    sha = fileio.sha256_file(src) if src.is_file() else ""
+    ident = store.Identity("zoo-import", {"name": name, "arch": e.arch}, {"weights": sha})
+    done = store.finished(out, ident)
+    if done is not None:
+        return done
+    if e.sha256 and sha and sha != e.sha256:
+        raise PinppError(f"{src}: sha256 {sha[:12]} is not the published file's {e.sha256[:12]}; download it again")
+    sd = state_dict_from(read_checkpoint(src), e, str(src))
+    model = models.build(e.arch, "r50", 1000)
+    want = model.state_dict()
+    unknown, missing = [k for k in sd if k not in want], [k for k in want if k not in sd]
+    if unknown or missing:
+        raise PinppError(f"{src}: not a {e.arch} state_dict ({len(unknown)} unknown, e.g. {unknown[:2]}; "
+                         f"{len(missing)} missing, e.g. {missing[:2]}); is it the {e.model} file?")
+    bad = [k for k in want if sd[k].shape != want[k].shape]
+    if bad:
+        raise PinppError(f"{src}: {bad[0]} has shape {tuple(sd[bad[0]].shape)}, {e.arch} needs {tuple(want[bad[0]].shape)}")
+    model.load_state_dict(sd, strict=True)
+    meta = {"variant": e.arch, "arch": "r50", "num_classes": 1000, "seg_classes": 3311,
+            "classes": [c["wnid"] for c in imagenet.classes()],
+            "config": {"transform": _jsonable(TransformConfig()), "imported": True},  # the kit's evaluation preprocessing
+            "params": models.count_params(model), "deployable_params": models.deployed_params(model),
+            "source": {"zoo": name, "model": e.model, "file": src.name, "sha256": sha, "url": e.url,
+                       "published_preprocessing": e.preprocessing}}
+    w = checkpoint.save_weights(out / "ema", model.state_dict(), meta)
+    side = fileio.read_json(out / "ema.json")
+    return store.finish(out, ident, [w], {**meta, "weights": str(w), "sha256": side["sha256"], "out": str(out)})
+
