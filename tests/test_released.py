@@ -236,3 +236,28 @@ def test_container_is_timm_checkpoint_saver(tmp_path):
         assert key in src
     path = _checkpoint(_vanilla(), "plain", tmp_path / "c.pth.tar")
     assert zipfile.is_zipfile(io.BytesIO(path.read_bytes()))
+
+
+def test_imported_run_is_evaluated_by_eval_aa(converted, tmp_path, capsys):
+    """An imported run folder is an ordinary run: `pinpp eval-aa --run-dir` evaluates it on the data's list."""
+    from pinpp_lib.datasets import list_image_folder
+    classes, _ = list_image_folder(converted / "train" / "img")
+    authors = _vanilla()
+    authors.fc = nn.Linear(2048, len(classes))
+    src = _checkpoint(_randomise(authors, 5), "plain", tmp_path / "v.pth.tar")
+    assert cli.main(["import-official", str(src), "--arch", "plain", "--out", str(tmp_path / "run"),
+                     "--classes", str(_lines(tmp_path / "classes.txt", classes))]) == 0
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "converted").symlink_to(converted)
+    capsys.readouterr()
+    rc = cli.main(["eval-aa", "--run-dir", str(tmp_path / "run"), "--profile", "smoke", "--data-root", str(tmp_path / "data"),
+                   "--mode", "pgd"])
+    # random weights: eval-aa reads the run, scores it on the data's list and stops at the clean-accuracy floor
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]
+    assert rc == 2 and last.startswith("pinpp eval-aa: error: clean accuracy") and "below the floor" in last, err
+
+
+def _lines(path, items):
+    path.write_text("".join(f"{i}\n" for i in items))
+    return path
