@@ -12,11 +12,12 @@ development mode whose records are flagged `standard: false`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -98,6 +99,7 @@ def identity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: str, cf
     settings = {"threat": threat, "mode": cfg.mode, "seed": cfg.seed, "batch_size": cfg.batch_size, "start": start, "n": len(x)}
     if cfg.mode == "pgd":
         settings["pgd_steps"] = cfg.pgd_steps
+        settings["pgd_start"] = "seeded per batch"  # records of the unseeded start (global RNG) are not reused
     return store.Identity("robust-eval", settings, {"model": store.module_digest(model), "images": store.tensor_digest(x),
                                                     "labels": store.tensor_digest(y)})
 
@@ -118,8 +120,14 @@ def evaluate_threat(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: 
         if norm != "Linf":
             raise PinppError(f"PGD dev mode supports L∞ threats only, not {threat}; use mode=autoattack")
         clean = (predict(model, x.to(device), cfg.batch_size) == y)
-        xa = torch.cat([pgd_linf(model, x[i:i + cfg.batch_size].to(device), y[i:i + cfg.batch_size].to(device), eps,
-                                 cfg.pgd_steps, 2.5 * eps / cfg.pgd_steps).cpu() for i in range(0, len(x), cfg.batch_size)])
+        xa = []
+        for i in range(0, len(x), cfg.batch_size):
+            # the random start of each batch drawn from (seed, its first image's index in the list): the same records
+            # whatever ran before in this process (notebook 05 evaluates runs in worker processes) and in any shard
+            with _seeded(cfg.seed * 1_000_003 + start + i, device):
+                xa.append(pgd_linf(model, x[i:i + cfg.batch_size].to(device), y[i:i + cfg.batch_size].to(device), eps,
+                                   cfg.pgd_steps, 2.5 * eps / cfg.pgd_steps).cpu())
+        xa = torch.cat(xa)
         stages = {"clean": clean.tolist(), f"pgd-{cfg.pgd_steps}": (clean & (predict(model, xa.to(device)) == y)).tolist()}
     else:
         stages = _autoattack_stages(model, x, y, norm, eps, cfg, work_dir / f"._state_{tag}.json", ident, device)
@@ -131,6 +139,17 @@ def evaluate_threat(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: 
     store.finish(work_dir, ident, [], {"records": records}, f"records_{tag}.json")
     (work_dir / f"._state_{tag}.json").unlink(missing_ok=True)
     return records
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Within: the CPU (and this CUDA device's) generator seeded with `seed`; the states before are restored."""
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.random.default_generator.manual_seed(seed)  # not torch.manual_seed: see training._seed_step
+        if cuda:
+            torch.cuda.manual_seed(seed)
+        yield
 
 
 class BelowCleanFloor(PinppError):

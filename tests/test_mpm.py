@@ -259,3 +259,24 @@ def test_wilson_and_paired_ci():
     a, b = np.ones(200), np.zeros(200)
     mean, lo, hi = robust_eval.paired_diff_ci(a, b)
     assert mean == lo == hi == 1.0
+
+
+def test_pgd_records_do_not_depend_on_the_process_rng(tmp_path):
+    """PGD dev mode draws each batch's random start from (seed, index): the same records whatever the global RNG
+    state (notebook 05 evaluates runs in worker processes), the same in two shards as in one call, and the global
+    RNG untouched."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4)).eval()
+    x = torch.rand(12, 3, 8, 8)
+    y = robust_eval.predict(m, x)
+    cfg = robust_eval.EvalConfig(threats=("Linf-8/255",), mode="pgd", pgd_steps=1, clean_floor=0.0, batch_size=4)
+
+    def records(work, lo=0, hi=12):
+        return [r["robust"] for r in robust_eval.evaluate_threat(m, x[lo:hi], y[lo:hi], "Linf-8/255", cfg, tmp_path / work, lo)]
+    torch.manual_seed(1)
+    a = records("a")
+    torch.manual_seed(2)
+    before = torch.random.get_rng_state()
+    b = records("b")
+    assert a == b and torch.equal(before, torch.random.get_rng_state())
+    assert records("c", 0, 4) + records("c", 4, 12) == a
