@@ -34,6 +34,9 @@ JPEG_QUALITY = 85  # ImageNet-C's released files are JPEGs of this quality
 FAMILY_OF = {c: f for f, names in FAMILIES.items() for c in names}
 
 
+OWN_RNG = ("impulse_noise", "glass_blur")  # corruptions whose library function takes a `seed` of its own
+
+
 def image_seed(seed: int, index: int, corruption: str, severity: int) -> int:
     """A 32-bit seed that depends only on its arguments (not on Python's hash randomisation)."""
     digest = hashlib.sha256(f"{seed}|{index}|{corruption}|{severity}".encode()).digest()
@@ -50,8 +53,11 @@ def corrupt(img: np.ndarray, corruption: str, severity: int, seed: int) -> np.nd
         raise PinppError(f"image of {img.shape[1]}x{img.shape[0]} px: the corruptions need at least 32x32; evaluate larger crops")
     state = np.random.get_state()
     np.random.seed(seed)
+    # impulse_noise (scikit-image's random_noise) and glass_blur draw from their own generators unless given a seed:
+    # numpy's global seed alone left them different on every run
+    kwargs = {"seed": seed} if corruption in OWN_RNG else {}
     try:
-        out = _corrupt(img, corruption_name=corruption, severity=severity)
+        out = _corrupt(img, corruption_name=corruption, severity=severity, **kwargs)
     finally:
         np.random.set_state(state)  # leave the caller's numpy RNG as it was
     return np.clip(np.asarray(out), 0, 255).astype(np.uint8)[: img.shape[0], : img.shape[1]]
@@ -91,8 +97,10 @@ def write_imagenet_c(root: str | Path, x: torch.Tensor, rel_paths: list[str], se
     for c in tqdm(corruptions, desc="writing ImageNet-C", leave=False):
         for s in severities:
             folder = root / c / str(s)
-            ident = store.Identity("imagenet-c", {"corruption": c, "severity": s, "seed": seed, "jpeg_quality": JPEG_QUALITY},
-                                   inputs)
+            settings = {"corruption": c, "severity": s, "seed": seed, "jpeg_quality": JPEG_QUALITY}
+            if c in OWN_RNG:
+                settings["seed_passed"] = True  # sets written before the seed reached the library are rewritten
+            ident = store.Identity("imagenet-c", settings, inputs)
             if store.finished(folder, ident, ".done") is not None:  # same crops, names, seed: reuse
                 continue
             out = corrupt_batch(x, c, s, seed)

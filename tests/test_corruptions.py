@@ -26,10 +26,14 @@ def test_deterministic_and_seed_dependent():
 
 
 @pytest.mark.parametrize("name", C.CORRUPTIONS)
-def test_every_corruption_keeps_shape(name):
+def test_every_corruption_keeps_shape_and_repeats_under_its_seed(name):
+    """Every corruption gives the same image for the same seed — impulse_noise and glass_blur too, whose library
+    functions draw from generators of their own (two smoke runs differed in exactly these two columns)."""
     img = (np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8)
-    out = C.corrupt(img, name, 1, seed=0)
+    out = C.corrupt(img, name, 3, seed=0)
     assert out.shape == img.shape and out.dtype == np.uint8
+    np.random.seed(123)  # another global state: must not matter
+    assert np.array_equal(out, C.corrupt(img, name, 3, seed=0))
 
 
 def test_imagenet_c_folder_errors(tmp_path):
