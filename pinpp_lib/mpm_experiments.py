@@ -53,16 +53,16 @@ class ExperimentConfig(Checked):
     eval_images: int = 0               # smoke, rehearsal: N images spread over the evaluation list; 0: all of it
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     jobs: int = 1                      # runs trained at once, one CPU thread each (smoke: 2 cores); 1: one after another
-    LIMITS: ClassVar[dict[str, Rule]] = {"clean_epochs": at_least(0), "jobs": at_least(1), "clean_min_lr": at_least(0), "lambdas": each(at_least(0)),
-                                         "eval_images": at_least(0),
+    LIMITS: ClassVar[dict[str, Rule]] = {"clean_epochs": at_least(0), "clean_min_lr": at_least(0), "lambdas": each(at_least(0)),
+                                         "eval_images": at_least(0), "jobs": at_least(1),
                                          "ablation_threats": each(one_of(*robust_eval.THREATS)),
                                          "ablation_mode": one_of("autoattack", "pgd"), "device": device_name}
 
 
 def plan(cfg: ExperimentConfig) -> dict[str, TrainConfig]:
     """Run name → TrainConfig: the clean runs (vanilla; MPM, for notebook 06) and every AT run. Every part-supervised
-    run trains on `cfg.at.seg_dir` (real + pseudo CF labels by default); only Table 6's ablations change the masks. Vanilla AT has no init stage (authors: it starts from
-    the torchvision weights, fc included)."""
+    run trains on `cfg.at.seg_dir` (real + pseudo CF labels by default); only Table 6's ablations change the masks.
+    Vanilla AT has no init stage (authors: it starts from the torchvision weights, fc included)."""
     at = cfg.at
     runs = {"clean_vanilla": dataclasses.replace(at, variant="plain", adversarial=False, epochs=cfg.clean_epochs,
                                                  init="none", init_stage_epochs=0, min_lr=cfg.clean_min_lr)}

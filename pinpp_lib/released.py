@@ -195,12 +195,18 @@ def import_official(checkpoint_file: str | Path, arch: str, out: str | Path, wei
     if len(wnids) != num_classes:
         raise PinppError(f"{src}: the model has {num_classes} classes, the class list {len(wnids)}; pass --classes FILE "
                          "(one wnid per line, in the model's output order)")
-    meta = {"variant": arch, "arch": "r50", "num_classes": num_classes, "seg_classes": seg or 3311, "classes": wnids,
+    return write_run(out, ident, model, arch, wnids, seg or 3311, {
+        "file": src.name, "sha256": sha, "weights": WEIGHTS[weights], "epoch": ckpt.get("epoch"), "arch": ckpt.get("arch"),
+        "model": getattr(args, "model", None), "unused_tensors": sorted({k.split(".")[0] for k in dropped})})
+
+
+def write_run(out: Path, ident: store.Identity, model: torch.nn.Module, variant: str, classes: list[str],
+              seg_classes: int, source: dict[str, Any]) -> dict[str, Any]:
+    """An imported model as a kit run folder (ema_<sha12>.pt, ema.json, done.json) that `training.load_trained`
+    and `pinpp eval-aa` read; its config holds the kit's evaluation transform. Returns the done record."""
+    meta = {"variant": variant, "arch": "r50", "num_classes": len(classes), "seg_classes": seg_classes, "classes": classes,
             "config": {"transform": _jsonable(TransformConfig()), "imported": True},
-            "params": models.count_params(model), "deployable_params": models.deployed_params(model),
-            "source": {"file": src.name, "sha256": sha, "weights": WEIGHTS[weights], "epoch": ckpt.get("epoch"),
-                       "arch": ckpt.get("arch"), "model": getattr(args, "model", None),
-                       "unused_tensors": sorted({k.split(".")[0] for k in dropped})}}
+            "params": models.count_params(model), "deployable_params": models.deployed_params(model), "source": source}
     w = checkpoint.save_weights(out / "ema", model.state_dict(), meta)
     side = fileio.read_json(out / "ema.json")
     return store.finish(out, ident, [w], {**meta, "weights": str(w), "sha256": side["sha256"], "out": str(out)})

@@ -240,6 +240,13 @@ def run_dir(work: str | Path, name: str, task: str, seed: int) -> Path:
     return Path(work) / task / f"{name}_seed{seed}"
 
 
+def _run(name: str, task: str, converted: str | Path, work: str | Path, sc: SegConfig,
+         seed: int) -> tuple[Path, Path, store.Identity]:
+    """A run's folder, training file and identity."""
+    ann = annotation_file(converted, task, "train")
+    return run_dir(work, name, task, seed), ann, _identity(name, task, seed, sc, ann)
+
+
 def _identity(name: str, task: str, seed: int, sc: SegConfig, ann_file: Path) -> store.Identity:
     """What makes two runs the same run: the config, task, seed, settings (not the device or loader workers)
     and the bytes of the training file."""
@@ -273,9 +280,7 @@ def train(name: str, task: str, converted: str | Path, work: str | Path, sc: Seg
     A finished run is reused only for the same identity with its weights intact; weights gone missing are
     rewritten from the last checkpoint (kept for that); a folder of another identity is refused in one line
     (it holds a user's training)."""
-    out = run_dir(work, name, task, seed)
-    ann = annotation_file(converted, task, "train")
-    ident = _identity(name, task, seed, sc, ann)
+    out, ann, ident = _run(name, task, converted, work, sc, seed)
     done = store.finished(out, ident)
     if done is not None:
         return done
@@ -347,5 +352,5 @@ def run_all(names: tuple[str, ...], tasks: tuple[str, ...], converted: str | Pat
 
 def finished(name: str, task: str, converted: str | Path, work: str | Path, sc: SegConfig, seed: int = 0) -> dict[str, Any] | None:
     """The done record of a finished run of this identity (what `train` would return at once), else None."""
-    ann = annotation_file(converted, task, "train")
-    return store.finished(run_dir(work, name, task, seed), _identity(name, task, seed, sc, ann))
+    out, _, ident = _run(name, task, converted, work, sc, seed)
+    return store.finished(out, ident)

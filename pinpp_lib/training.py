@@ -224,22 +224,24 @@ def _reduce_bn(module: nn.Module, world: int) -> None:
             buf.div_(world)
 
 
-def finished(cfg: TrainConfig, data: str | Path, out: str | Path) -> dict[str, Any] | None:
-    """The done record of the run at `out` if it finished with this config and these inputs (what `train` would
-    return without training), else None."""
+def _training_data(cfg: TrainConfig, data: str | Path) -> tuple[PartSegDataset, store.Identity]:
+    """The run's training set (its part labels required first) and the run's identity."""
     if cfg.part_supervised:
         require_train_labels(data, cfg.seg_dir)
     base = PartSegDataset(data, object_mask=cfg.object_mask, seg_dir=cfg.seg_dir if cfg.part_supervised else None)
-    return store.finished(Path(out), identity(cfg, base))
+    return base, identity(cfg, base)
+
+
+def finished(cfg: TrainConfig, data: str | Path, out: str | Path) -> dict[str, Any] | None:
+    """The done record of the run at `out` if it finished with this config and these inputs (what `train` would
+    return without training), else None."""
+    return store.finished(Path(out), _training_data(cfg, data)[1])
 
 
 def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = True) -> dict[str, Any]:
     """Train one model on the converted data at `data`; write checkpoints and final weights to `out`."""
     out = Path(out)
-    if cfg.part_supervised:
-        require_train_labels(data, cfg.seg_dir)
-    base = PartSegDataset(data, object_mask=cfg.object_mask, seg_dir=cfg.seg_dir if cfg.part_supervised else None)
-    ident = identity(cfg, base)
+    base, ident = _training_data(cfg, data)
     if resume:
         rec = store.finished(out, ident)
         if rec is not None:

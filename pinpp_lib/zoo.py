@@ -20,10 +20,9 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, fileio, imagenet, models, store
+from . import fileio, imagenet, models, store
 from .fileio import PinppError
-from .datasets import TransformConfig
-from .released import _jsonable, read_checkpoint
+from .released import read_checkpoint, write_run
 
 
 @dataclass(frozen=True)
@@ -170,13 +169,7 @@ def import_zoo(name: str, weights: str | Path, out: str | Path) -> dict[str, Any
     if bad:
         raise PinppError(f"{src}: {bad[0]} has shape {tuple(sd[bad[0]].shape)}, {e.arch} needs {tuple(want[bad[0]].shape)}")
     model.load_state_dict(sd, strict=True)
-    meta = {"variant": e.arch, "arch": "r50", "num_classes": 1000, "seg_classes": 3311,
-            "classes": [c["wnid"] for c in imagenet.classes()],
-            "config": {"transform": _jsonable(TransformConfig()), "imported": True},  # the kit's evaluation preprocessing
-            "params": models.count_params(model), "deployable_params": models.deployed_params(model),
-            "source": {"zoo": name, "model": e.model, "file": src.name, "sha256": sha, "url": e.url,
-                       "published_preprocessing": e.preprocessing}}
-    w = checkpoint.save_weights(out / "ema", model.state_dict(), meta)
-    side = fileio.read_json(out / "ema.json")
-    return store.finish(out, ident, [w], {**meta, "weights": str(w), "sha256": side["sha256"], "out": str(out)})
+    return write_run(out, ident, model, e.arch, [c["wnid"] for c in imagenet.classes()], 3311,
+                     {"zoo": name, "model": e.model, "file": src.name, "sha256": sha, "url": e.url,
+                      "published_preprocessing": e.preprocessing})
 
