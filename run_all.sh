@@ -5,13 +5,15 @@
 #   ./run_all.sh --profile full --data-root /data/pinpp_full
 #   ./run_all.sh --profile rehearsal  the full settings on tiny synthetic data, CPU (results in data/rehearsal/results)
 #   ./run_all.sh --only 00,01         just those notebooks
+#   ./run_all.sh --profile full --only 05 --no-train
+#                                     Table 3 from the released weights in <data root>/released, nothing trained
 #
 # Executed copies go to results/executed/. The first failing notebook stops the run: it is named,
 # the exit status is non-zero, and results written by earlier notebooks stay as they are.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PROFILE=smoke DATA_ROOT="" ONLY="" RESULTS_DIR=""
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+PROFILE=smoke DATA_ROOT="" ONLY="" RESULTS_DIR="" NO_TRAIN=""
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
 value() {  # the value of option $1, or one clear line when it has none
   [[ $# -ge 2 && -n $2 && $2 != --* ]] || { echo "run_all.sh: $1 needs a value (see --help)" >&2; exit 2; }
 }
@@ -21,6 +23,7 @@ while [[ $# -gt 0 ]]; do
     --data-root) value "$@"; DATA_ROOT="$2"; shift 2 ;;
     --results-dir) value "$@"; RESULTS_DIR="$2"; shift 2 ;;
     --only) value "$@"; ONLY="$2"; shift 2 ;;
+    --no-train) NO_TRAIN=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -58,6 +61,10 @@ fi
 params=(-p PROFILE "$PROFILE")
 [[ -n $DATA_ROOT ]] && params+=(-p DATA_ROOT "$(cd "$DATA_ROOT" 2>/dev/null && pwd || echo "$DATA_ROOT")")
 [[ -n $RESULTS_DIR ]] && params+=(-p RESULTS_DIR "$RESULTS")
+if [[ -n $NO_TRAIN ]]; then  # only notebook 05 has a no-training path (Table 3 from released weights)
+  [[ $ONLY == 05 ]] || { echo "run_all.sh: --no-train goes with --only 05 (Table 3 from released weights); the other notebooks train what they report" >&2; exit 2; }
+  params+=(-p TRAIN False)
+fi
 start=$SECONDS
 for nb in "${selected[@]}"; do
   echo "== run_all: $nb (profile $PROFILE)"

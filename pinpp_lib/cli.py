@@ -154,7 +154,7 @@ def _cmd_zoo(a: argparse.Namespace) -> int:
         return 0
     if a.zoo_cmd == "fetch":
         from .config import resolve
-        folder = a.dir or resolve("full").paths.data_root / "released"
+        folder = a.dir or resolve("full").paths.released
         print(zoo.fetch(a.name, folder, a.url))
         return 0
     rec = zoo.import_zoo(a.name, a.weights, a.out)

@@ -53,6 +53,7 @@ class ExperimentConfig(Checked):
     eval_images: int = 0               # smoke, rehearsal: N images spread over the evaluation list; 0: all of it
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     jobs: int = 1                      # runs trained at once, one CPU thread each (smoke: 2 cores); 1: one after another
+    released: bool = True              # Table 3: also evaluate the released weights under <data root>/released
     LIMITS: ClassVar[dict[str, Rule]] = {"clean_epochs": at_least(0), "clean_min_lr": at_least(0), "lambdas": each(at_least(0)),
                                          "eval_images": at_least(0), "jobs": at_least(1),
                                          "ablation_threats": each(one_of(*robust_eval.THREATS)),
@@ -107,13 +108,17 @@ def resolve_init(name: str, tc: TrainConfig, cfg: ExperimentConfig, work: str | 
     return dataclasses.replace(tc, init=str(_backbone_weights(clean)))
 
 
-def run_training(runs: dict[str, TrainConfig], cfg: ExperimentConfig, converted: str | Path, work: str | Path) -> dict[str, dict]:
+def run_training(runs: dict[str, TrainConfig], cfg: ExperimentConfig, converted: str | Path, work: str | Path,
+                 train_missing: bool = True) -> dict[str, dict]:
     """Train every run (resumable: finished runs are skipped). The clean run goes first when the AT runs start
-    from it; the others run `cfg.jobs` at a time (`jobs.map_jobs`)."""
+    from it; the others run `cfg.jobs` at a time (`jobs.map_jobs`). `train_missing` False: train nothing, return the
+    runs that already finished with these settings (Table 3 from released weights alone)."""
     work = Path(work)
+    order = sorted(runs, key=lambda n: n != "clean_vanilla")
+    if not train_missing:
+        return {n: rec for n in order if (rec := _finished_or_none(n, runs[n], cfg, converted, work)) is not None}
     for seg_dir in sorted({tc.seg_dir for tc in runs.values() if tc.part_supervised}):
         require_train_labels(converted, seg_dir)  # before any run starts: a missing folder must not cost a finished run
-    order = sorted(runs, key=lambda n: n != "clean_vanilla")
     later = {n for n in order if _starts_from_clean_run(runs[n], cfg)}
     done: dict[str, dict] = {}
     for wave in ([n for n in order if n not in later], [n for n in order if n in later]):
@@ -129,6 +134,13 @@ def run_training(runs: dict[str, TrainConfig], cfg: ExperimentConfig, converted:
         results = jobs.map_jobs(train, [(tc, converted, work / name) for name, tc in todo], cfg.jobs, "training runs")
         done.update((name, rec) for (name, _), rec in zip(todo, results))
     return {n: done[n] for n in order}
+
+
+def _finished_or_none(name: str, tc: TrainConfig, cfg: ExperimentConfig, converted: str | Path, work: Path) -> dict | None:
+    try:  # an AT run whose clean run or part labels are missing has not finished either
+        return finished(resolve_init(name, tc, cfg, work), converted, work / name)
+    except fileio.PinppError:
+        return None
 
 
 def _starts_from_clean_run(tc: TrainConfig, cfg: ExperimentConfig) -> bool:
@@ -183,6 +195,7 @@ def evaluation_set(converted: str | Path, cfg: ExperimentConfig) -> tuple[torch.
 
 
 TABLE3_RUNS = ("at_plain", "at_mpm")
+RECORD_COLUMNS = ["run", "protocol", "index", "label", "threat", "standard", "clean", "robust"]
 
 
 def run_evaluation(trained: dict[str, dict], cfg: ExperimentConfig, x: torch.Tensor, y: torch.Tensor) -> pd.DataFrame:
@@ -200,7 +213,8 @@ def run_evaluation(trained: dict[str, dict], cfg: ExperimentConfig, x: torch.Ten
     order = sorted(names, key=lambda n: n not in TABLE3_RUNS)  # the costly AutoAttack jobs start first, side by side
     per_run = dict(zip(order, jobs.map_jobs(_evaluate_run, [(n, trained[n]["out"], cfg, ablation, x, y) for n in order],
                                             cfg.jobs, "evaluating runs")))
-    df = pd.DataFrame([row for name in names for row in per_run[name]])
+    rows = [row for name in names for row in per_run[name]]
+    df = pd.DataFrame(rows, columns=None if rows else RECORD_COLUMNS)  # no AT run finished: the columns all the same
     df["robust"] = df["robust"].map(lambda v: np.nan if v is None else float(v))  # NaN: not attacked
     return df
 
@@ -237,6 +251,7 @@ def table3(records: pd.DataFrame, threats: tuple[str, ...]) -> pd.DataFrame:
             robust.append(a.value)
         row["robust avg"] = float(np.mean(robust))
         row["evaluation"] = _evaluation(records, run, "table3")
+        row["source"] = "trained by the kit (this run)"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -294,6 +309,9 @@ def lambda_curve(records: pd.DataFrame, cfg: ExperimentConfig, threat: str) -> p
             rows.append({"lambda": lam, "robust": a.value, "robust_lo": a.lo, "robust_hi": a.hi,
                          "clean": _acc(records, run, threat, "clean").value, "run": run,
                          "evaluation": _evaluation(records, run, "ablation")})
+    if not rows:  # nothing trained (TRAIN = False): an empty curve with numeric columns, plotted as empty axes
+        return pd.DataFrame({c: pd.Series(dtype=float if c not in ("run", "evaluation") else object)
+                             for c in ("lambda", "robust", "robust_lo", "robust_hi", "clean", "run", "evaluation")})
     return pd.DataFrame(rows)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import convert, pretrained, synthetic
+from . import convert, pretrained, synthetic, table3_released
 from .config import Settings
 from .fileio import PinppError
 
@@ -39,6 +39,8 @@ def prepare_data(s: Settings, workers: int | None = None) -> dict:
             raise PinppError("weights.standins needs weights.cache (a folder under the data root): stand-in weights are "
                              "never written into the default torch/Hugging Face caches")
         pretrained.write_standins(folder)
+        if s.mpm.released and s.paths.released is not None:  # Table 3's released weights, in their published layouts
+            table3_released.write_standins(s.paths.released)
     check_inputs(s)
     return convert.convert(s.paths.release, s.paths.imagenet_train, s.paths.converted,
                            s.paths.imagenet_val, s.paths.val_list, s.convert)

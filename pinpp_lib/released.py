@@ -245,3 +245,43 @@ def _check_normalisation(args: Any, src: Path) -> None:
         if theirs is not None and [round(float(v), 4) for v in theirs] != [round(v, 4) for v in ours]:
             raise PinppError(f"{src}: trained with {name} {list(theirs)}, the kit's models normalise with ImageNet's "
                              f"{list(ours)}; this checkpoint cannot be imported as is")
+
+
+def to_authors(model: torch.nn.Module, arch: str) -> dict[str, torch.Tensor]:
+    """The kit model's tensors under the authors' module names (the inverse of `map_state_dict`), for the
+    architectures whose authors' model has no unused modules (plain, mpm, twostage)."""
+    if UNUSED.get(arch, ()) or arch not in ARCHS:
+        raise PinppError(f"--arch {arch!r}: the authors' layout can be written for plain, mpm and twostage only")
+    names = sorted(_TWOSTAGE_NAMES if arch == "twostage" else _MPM_NAMES, key=lambda p: -len(p[1]))  # backbone.fc. first
+    out = {}
+    for k, v in model.state_dict().items():
+        theirs = k
+        if arch != "plain":
+            parent, _, leaf = k.rpartition(".")
+            mod, _, part = parent.rpartition(".")
+            if leaf == "weight" and part in ("0", "1") and isinstance(model.get_submodule(mod), models.SeparableConv):
+                theirs = f"{mod}.{'conv1' if part == '0' else 'pointwise'}.weight"
+            old, new = next(p for p in names if theirs.startswith(p[1]))
+            theirs = old + theirs[len(new):]
+        assert _rename(theirs, arch) == k, (k, theirs)  # the import maps it back onto the same tensor
+        out[theirs] = v
+    return out
+
+
+def write_standin(path: str | Path, arch: str, seed: int = 0, num_classes: int = 1000, seg_classes: int = 3311) -> Path:
+    """A checkpoint in the authors' released layout (timm CheckpointSaver dict, their module names, their training
+    arguments) holding seeded random weights: what the rehearsal profile evaluates where the real files would be.
+    Kept if the file exists (a real checkpoint is never overwritten)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    torch.manual_seed(seed)
+    sd = to_authors(models.build(arch, "r50", num_classes, seg_classes), arch)
+    model_type, partmodel_type, level, down = ARGS[arch]
+    args = argparse.Namespace(model="resnet50", model_type=model_type, partmodel_type=partmodel_type, level=level, down=down,
+                              mean=list(imagenet.IMAGENET_MEAN), std=list(imagenet.IMAGENET_STD))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save({"epoch": 0, "arch": "resnet50", "state_dict": sd, "state_dict_ema": sd, "optimizer": {}, "version": 2,
+                    "args": args}, f)
+    return path

@@ -173,3 +173,24 @@ def import_zoo(name: str, weights: str | Path, out: str | Path) -> dict[str, Any
                      {"zoo": name, "model": e.model, "file": src.name, "sha256": sha, "url": e.url,
                       "published_preprocessing": e.preprocessing})
 
+
+
+def write_standin(name: str, path: str | Path, seed: int = 0) -> Path:
+    """A file in the row's published layout holding seeded random weights (what the rehearsal profile imports where
+    the real file would be): the row's key prefixes put back in order, EasyRobust's stored normalisation (index 0 of
+    its `Sequential(normalise, model)`, hence the `1.` prefix) beside the model, the row's first container. Kept if
+    the file exists (a real download is never overwritten)."""
+    e, path = entry(name), Path(path)
+    if path.exists():
+        return path
+    torch.manual_seed(seed)
+    prefix = "".join(e.strip)
+    sd = {prefix + k: v for k, v in models.build(e.arch, "r50", 1000).state_dict().items()}
+    if "1." in e.strip:
+        norm = prefix[: -len("1.")] + "0."
+        sd.update({norm + "mean": torch.tensor(imagenet.IMAGENET_MEAN), norm + "std": torch.tensor(imagenet.IMAGENET_STD)})
+    obj = {e.container[0]: sd} if e.container[0] else sd
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+    return path
