@@ -150,7 +150,8 @@ def _cmd_zoo(a: argparse.Namespace) -> int:
     if a.zoo_cmd == "list":
         for e in zoo.entries().values():
             pub = f"{e.published_clean:g} / {e.published_linf4:g} ({e.published_eval})" if e.published_clean else "not listed"
-            print(f"{e.name:26s} {e.model:32s} {e.arch:14s} clean / Linf-4/255: {pub}; weights: {e.url}")
+            how = f"not importable ({e.why_not})" if e.why_not else e.url
+            print(f"{e.name:26s} {e.model:32s} {e.arch:14s} clean / Linf-4/255: {pub}; weights: {how}")
         return 0
     if a.zoo_cmd == "fetch":
         from .config import resolve

@@ -46,6 +46,7 @@ class ReleasedModel:
     arch: str    # import-official --arch, or the zoo row's architecture
     file: str    # where its weights file is expected, relative to <released>
     get: str     # what puts the file there
+    why_not: str = ""  # why the kit cannot import it ('' when it can)
 
 
 def catalogue() -> list[ReleasedModel]:
@@ -55,14 +56,16 @@ def catalogue() -> list[ReleasedModel]:
                               f"put the authors' {label} AT checkpoint (Drive folder {AUTHORS_DRIVE}) at "
                               f"<released>/official_{tag}_at.pth.tar")
                 for tag, label, arch in (("vanilla", "vanilla", "plain"), ("mpm", "MPM", "mpm"))]
-    return official + [ReleasedModel(e.name, e.model, "zoo", e.arch, zoo.default_path(e, ".").name, f"`pinpp zoo fetch {e.name}`")
-                       for e in zoo.entries().values()]
+    return official + [ReleasedModel(e.name, e.model, "zoo", e.arch, zoo.default_path(e, ".").name, f"`pinpp zoo fetch {e.name}`",
+                                     e.why_not) for e in zoo.entries().values()]
 
 
 def locate(m: ReleasedModel, folder: str | Path) -> Path | None:
     """The run folder of `m` under `folder` (importing its weights file first if it is there), or None when
     neither the file nor a finished run folder is present."""
     from . import released
+    if m.why_not:
+        return None
     folder = Path(folder)
     src, out = folder / m.file, folder / "runs" / m.name
     if src.is_file():
@@ -140,15 +143,21 @@ def rows(records: pd.DataFrame, threats: tuple[str, ...], present: dict[str, Pat
             row["evaluation"] = reporting.evaluation_label(r)
             row["source"] = "measured (released weights)"
             out.append(row)
-        if m.model in published.index or m.kind == "zoo":
-            pub = published.loc[m.model] if m.model in published.index else None
-            row = {"model": m.model}
-            if pub is not None:
-                row.update({c: pub[c] for c in published.columns if c != "source"})
-            what = f"published: {pub['source']}" if pub is not None else "published numbers not in the kit"
-            if present is not None and m.name not in present:
+        if m.kind == "zoo":
+            e = zoo.entry(m.name)
+            if m.model in published.index:  # the paper's reference numbers
+                pub = published.loc[m.model]
+                row, what = {c: pub[c] for c in published.columns if c != "source"}, f"published: {pub['source']}"
+            elif e.published_clean is not None:  # the model's authors' own
+                row = {"clean": e.published_clean, "Linf-4/255": e.published_linf4}
+                what = f"published: {e.published_eval}"
+            else:
+                row, what = {}, "published numbers not in the kit"
+            if m.why_not:
+                what += f"; the kit cannot import its weights: {m.why_not}"
+            elif present is not None and m.name not in present:
                 what += f"; weights not present — {m.get}"
-            out.append({**row, "source": what})
+            out.append({"model": m.model, **row, "source": what})
         elif present is not None and m.name not in present:
             out.append({"model": m.model, "source": f"weights not present — {m.get}"})
     return pd.DataFrame(out)
@@ -160,4 +169,4 @@ def write_standins(folder: str | Path, seed: int = 0) -> list[Path]:
     from . import released
     folder = Path(folder)
     return [released.write_standin(folder / m.file, m.arch, seed) if m.kind == "official"
-            else zoo.write_standin(m.name, folder / m.file, seed) for m in catalogue()]
+            else zoo.write_standin(m.name, folder / m.file, seed) for m in catalogue() if not m.why_not]

@@ -41,6 +41,12 @@ class ZooEntry:
     published_linf4: float | None
     published_eval: str
     checked: str
+    importable: str = "yes"
+
+    @property
+    def why_not(self) -> str:
+        """'' when the kit imports this row's file, else the reason it cannot."""
+        return "" if self.importable == "yes" else self.importable.removeprefix("no:").strip()
 
 
 def entries() -> dict[str, ZooEntry]:
@@ -51,7 +57,7 @@ def entries() -> dict[str, ZooEntry]:
     return {r["name"]: ZooEntry(r["name"], r["model"], r["paper"], r["arch"], r["url"], r["file"], r["sha256"],
                                 tuple(r["container"].split(";")), tuple(p for p in r["strip"].split(";") if p),
                                 r["preprocessing"], num(r["published_clean"]), num(r["published_linf4"]), r["published_eval"],
-                                r["checked"])
+                                r["checked"], r["importable"])
             for r in rows}
 
 
@@ -151,6 +157,8 @@ def state_dict_from(obj: dict[str, Any], e: ZooEntry, where: str) -> dict[str, t
 def import_zoo(name: str, weights: str | Path, out: str | Path) -> dict[str, Any]:
     """The zoo model `name` from its weights file as a kit run folder; returns the done record."""
     e, src, out = entry(name), Path(weights), Path(out)
+    if e.why_not:
+        raise PinppError(f"{name}: the kit cannot import its weights ({e.why_not}); Table 3 keeps its published row")
     sha = fileio.sha256_file(src) if src.is_file() else ""
     ident = store.Identity("zoo-import", {"name": name, "arch": e.arch}, {"weights": sha})
     done = store.finished(out, ident)
@@ -181,6 +189,8 @@ def write_standin(name: str, path: str | Path, seed: int = 0) -> Path:
     its `Sequential(normalise, model)`, hence the `1.` prefix) beside the model, the row's first container. Kept if
     the file exists (a real download is never overwritten)."""
     e, path = entry(name), Path(path)
+    if e.why_not:
+        raise PinppError(f"{name}: no stand-in for a row the kit cannot import ({e.why_not})")
     if path.exists():
         return path
     torch.manual_seed(seed)

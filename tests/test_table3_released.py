@@ -41,14 +41,14 @@ def test_authors_layout_is_refused_for_archs_with_unused_modules(tmp_path):
         released.write_standin(tmp_path / "c.pth.tar", "mpm_sv1", num_classes=NUM, seg_classes=SEG)
 
 
-@pytest.mark.parametrize("name", ["salman2020_r50", "mao2022_easyrobust_r50", "bai2021_r50_gelu"])
+@pytest.mark.parametrize("name", ["salman2020_r50", "mao2022_easyrobust_r50", "debenedetti2022_r50_gelu", "liu2023_ares_r50"])
 def test_zoo_standin_has_the_published_prefixes(name, tmp_path):
     e = zoo.entry(name)
     path = zoo.write_standin(name, tmp_path / "w.pth", seed=1)
     obj = released.read_checkpoint(path)
     sd = obj[e.container[0]] if e.container[0] else obj
     want = {"salman2020_r50": "module.model.conv1.weight", "mao2022_easyrobust_r50": "module.1.conv1.weight",
-            "bai2021_r50_gelu": "module.conv1.weight"}[name]
+            "debenedetti2022_r50_gelu": "module.model.conv1.weight", "liu2023_ares_r50": "module.conv1.weight"}[name]
     assert want in sd
     if name == "mao2022_easyrobust_r50":  # EasyRobust stores its normalisation as index 0 of a Sequential
         assert torch.equal(sd["module.0.mean"], torch.tensor([0.485, 0.456, 0.406]))
@@ -90,6 +90,7 @@ def test_measured_beside_published_and_absent_named(converted, tmp_path):
     sources = dict(rows.index.tolist())
     assert sources["Engstrom et al. 2019 (R50)"] == "published: RobustBench (5k list); weights not present — `pinpp zoo fetch engstrom2019`"
     assert "weights not present — put the authors' MPM AT checkpoint" in sources["PIN++ authors' MPM AT (released)"]
+    assert "cannot import" in sources["Bai et al. 2021 (R50-GELU)"]
     # same records again: every model reused (imports and AutoAttack shards cached)
     again = T.measure(E, folder, converted, x, y)[1]
     pd.testing.assert_frame_equal(recs, again)
@@ -104,6 +105,11 @@ def test_smoke_shows_published_rows_only(converted, tmp_path):
     rows = T.rows(recs, s.mpm.eval.threats, present)
     assert not rows["source"].str.contains("not present|measured").any()
     assert rows["model"].tolist() == [m.model for m in T.catalogue() if m.kind == "zoo"]
+    by = rows.set_index("model")
+    assert "the kit cannot import its weights: its ResNet-50 has eight ghost" in by.loc["Bai et al. 2021 (R50-GELU)", "source"]
+    # a model outside the paper's reference list shows its own authors' numbers, named as such
+    assert by.loc["Liu et al. 2023 (ARES R50)", "clean"] == 67.0
+    assert by.loc["Liu et al. 2023 (ARES R50)", "source"] == "published: ARES README (1000 random val images)"
 
 
 def test_no_training_returns_the_finished_runs_only(converted, tmp_path):
