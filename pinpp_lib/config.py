@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,7 +37,7 @@ from .few_shot import FewShotConfig
 from .pretrained import WeightsConfig, use_cache
 from .pseudo_labels import PseudoConfig
 from .robustness import RobustnessConfig
-from .runmeta import repo_root
+from .runmeta import code_mismatch, repo_root
 from .segmentation import SegConfig
 from .synthetic import SynthConfig
 
@@ -172,6 +173,23 @@ class Settings:
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
 
+    def ready(self, needs: str | None = None) -> str:
+        """"data → …, results → …" for a notebook's first output. `needs` ("release" | "converted"): notebook 00's
+        output the notebook reads; when it is missing, one line saying to run notebook 00 first (a notebook opened
+        on its own before 00 ran), instead of advice about the release's layout."""
+        p = self.paths
+        if needs not in (None, "release", "converted"):
+            raise ValueError(f"needs={needs!r}: 'release', 'converted' or None")
+        path = {"release": p.release, "converted": p.converted}.get(needs or "")
+        # the full profile's release is the user's download, not notebook 00's output: its own message applies
+        if path is not None and not path.exists() and (self.profile != "full" or needs == "converted"):
+            what = (f"it converts the release at {p.release}" if self.profile == "full"
+                    else "it generates this profile's synthetic data and converts it")
+            root = "" if p.data_root == repo_root() / "data" / self.profile else f" --data-root {p.data_root}"
+            raise PinppError(f"{path}: not found — run notebook 00 first (`./run_all.sh --profile {self.profile}{root} "
+                             f"--only 00`; {what})")
+        return f"data → {p.data_root}, results → {p.results}"
+
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["paths"] = {k: (str(v) if v is not None else None) for k, v in d["paths"].items()}
@@ -234,6 +252,9 @@ def resolve(profile: str = "smoke", data_root: str | Path | None = None, results
         s.few_shot = dataclasses.replace(s.few_shot, seed=seed)
         s.robustness = dataclasses.replace(s.robustness, seed=seed,
                                            subset_eval=dataclasses.replace(s.robustness.subset_eval, seed=seed))
+    mismatch = code_mismatch()
+    if mismatch:
+        warnings.warn(mismatch, stacklevel=2)
     # torch hub and HF hub of this process and its children (torchrun jobs resolve again); None: the defaults
     use_cache(s.weights.folder(s.paths.data_root))
     return s

@@ -128,6 +128,18 @@ def evaluate(models: dict[str, nn.Module], root: str | Path, rel_paths: list[str
     return records
 
 
+def clean_records(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, batch_size: int = 250,
+                  device: str | torch.device = "cpu") -> list[dict[str, Any]]:
+    """The same images uncorrupted (severity 0, ImageNet-C's convention for clean), in `evaluate`'s record form."""
+    from .robust_eval import predict
+    records: list[dict[str, Any]] = []
+    for name, m in models.items():
+        pred = predict(m.to(device).eval(), x.to(device), batch_size).cpu()
+        records += [{"model": name, "index": i, "label": int(y[i]), "corruption": "none", "family": "clean", "severity": 0,
+                     "correct": bool(pred[i] == y[i])} for i in range(len(y))]
+    return records
+
+
 def table_a1(records: pd.DataFrame) -> pd.DataFrame:
     """Accuracy (%) per model and corruption (mean over severities), family means and the overall mean.
 

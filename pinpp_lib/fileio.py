@@ -23,6 +23,17 @@ class PinppError(Exception):
     """
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by their owner only (0600); a result file gets the mode a plain `open` would give
+# it (0644 under the usual umask 022), so that other users of a shared results folder can read it.
+FILE_MODE = 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it onto `target` if the block succeeds.
@@ -35,6 +46,7 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     fd, tmp = tempfile.mkstemp(prefix="._tmp", suffix=suffix if suffix is not None else target.suffix,
                                dir=target.parent)
     os.close(fd)
+    os.chmod(tmp, FILE_MODE)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -139,6 +151,7 @@ def write_hashed(out_dir: str | os.PathLike, name_for: Callable[[str], str], wri
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="._tmp", suffix=".part", dir=out_dir)
     os.close(fd)
+    os.chmod(tmp, FILE_MODE)
     tmp_path = Path(tmp)
     try:
         write(tmp_path)

@@ -42,3 +42,14 @@ def in1k_index() -> dict[str, int]:
 def human16_map() -> dict[str, list[int]]:
     """The 16 model-vs-human categories → ImageNet-1K class indices."""
     return {k: list(v) for k, v in _data()["human16_to_imagenet_indices"].items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _names() -> dict[str, str]:
+    return {c["wnid"]: c["names"].split(",")[0].strip() for c in _data()["imagenet_classes"]}
+
+
+def class_label(wnid: str) -> str:
+    """'<wnid> <first class name>' for figure titles ("n01440764 tench"); the bare wnid if it is not an IN-1K class."""
+    name = _names().get(wnid)
+    return f"{wnid} {name}" if name else wnid

@@ -306,12 +306,12 @@ def lambda_curve(records: pd.DataFrame, cfg: ExperimentConfig, threat: str) -> p
     for lam, run in sorted(points):
         if run in set(records.run):
             a = _acc(records, run, threat)
-            rows.append({"lambda": lam, "robust": a.value, "robust_lo": a.lo, "robust_hi": a.hi,
+            rows.append({"lambda": lam, "robust": a.value, "robust_lo": a.lo, "robust_hi": a.hi, "n": a.n,
                          "clean": _acc(records, run, threat, "clean").value, "run": run,
                          "evaluation": _evaluation(records, run, "ablation")})
     if not rows:  # nothing trained (TRAIN = False): an empty curve with numeric columns, plotted as empty axes
         return pd.DataFrame({c: pd.Series(dtype=float if c not in ("run", "evaluation") else object)
-                             for c in ("lambda", "robust", "robust_lo", "robust_hi", "clean", "run", "evaluation")})
+                             for c in ("lambda", "robust", "robust_lo", "robust_hi", "n", "clean", "run", "evaluation")})
     return pd.DataFrame(rows)
 
 
@@ -319,14 +319,18 @@ def plot_lambda(curve: pd.DataFrame, path: str | Path, threat: str) -> Path:
     """Fig. A1-style plot: robust accuracy (with 95% intervals) and clean accuracy against λ."""
     plt = plots.pyplot()
     import seaborn as sns
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
     how = ", ".join(sorted(set(curve["evaluation"])))
     sns.lineplot(data=curve, x="lambda", y="robust", marker="o", ax=ax, label=f"robust ({threat}; {how})",
                  color=plots.MODEL_COLOURS["robust"])
-    ax.fill_between(curve["lambda"], curve["robust_lo"], curve["robust_hi"], alpha=0.2)
+    ax.fill_between(curve["lambda"], curve["robust_lo"], curve["robust_hi"], alpha=0.2, color=plots.MODEL_COLOURS["robust"],
+                    label=f"robust: 95% Wilson interval ({int(curve['n'].max()) if len(curve) else 0} images)")
     sns.lineplot(data=curve, x="lambda", y="clean", marker="s", ax=ax, label="clean", color=plots.MODEL_COLOURS["clean"])
     ax.set_xlabel("λ (focal-loss weight)")
     ax.set_ylabel("accuracy (%)")
+    if curve.empty:
+        ax.text(0.5, 0.5, "no λ run has finished", transform=ax.transAxes, ha="center")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)  # off the data
     fig.tight_layout()
     plots.save(fig, path, dpi=120)
     return Path(path)

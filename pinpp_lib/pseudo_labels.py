@@ -199,21 +199,28 @@ def plot_pseudo(converted: str | Path, records: pd.DataFrame, path: str | Path, 
     images where CF changed most (parts of another class removed) come first."""
     plt = plots.pyplot()
     from PIL import Image
+
+    from .imagenet import class_label
     conv = Path(converted)
+    by = records.set_index(["file_name", "variant"])
     piv = records.pivot_table(index="file_name", columns="variant", values="parts of another class", aggfunc="first")
     files = list(piv.sort_values("nocf", ascending=False, kind="stable").index[:n])
-    fig, axes = plt.subplots(3, len(files), figsize=(2.2 * len(files), 6.6), squeeze=False)
+    fig, axes = plt.subplots(3, len(files), figsize=(2.3 * len(files), 7.0), squeeze=False)
     for col, rel in enumerate(files):
         img = np.asarray(Image.open(conv / "train" / "img" / rel).convert("RGB"))
         axes[0, col].imshow(img)
-        axes[0, col].set_title(rel.split("/")[0], fontsize=8)
+        axes[0, col].set_title(class_label(rel.split("/")[0]), fontsize=7)
         for row, v in ((1, "nocf"), (2, "cf")):
             lab = masks.read_label_png(masks.seg_path_for(conv / "train" / SEG_DIRS[v], rel))
+            r = by.loc[(rel, v)]
             axes[row, col].imshow(seg_eval.overlay(img, [(lab == i, int(i)) for i in np.unique(lab) if i]))
-            axes[row, col].set_title(f"{TABLE6_NAMES[v].split(' ', 2)[2]}: {int(piv.loc[rel, v])} foreign", fontsize=8)
+            what = (f"{int(r['parts painted'])} parts on {r['labelled fraction']:.0%} of pixels, {int(r['parts of another class'])} foreign"
+                    if r["parts painted"] else "nothing painted (0% of pixels)")
+            axes[row, col].set_title(f"{'w/o' if v == 'nocf' else 'w/'} CF: {what}", fontsize=6)
         for ax in axes[:, col]:
             ax.axis("off")
-    fig.suptitle("Pseudo part labels: w/o CF (middle) vs w/ CF (bottom); 'foreign' = parts of another class", fontsize=9)
+    fig.suptitle("Pseudo part labels: w/o CF (middle) vs w/ CF (bottom), colour = part; 'foreign' = parts of another "
+                 "class (what CF removes)", fontsize=8)
     fig.tight_layout()
     plots.save(fig, path, dpi=110)
     return Path(path)

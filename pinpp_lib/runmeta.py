@@ -15,15 +15,44 @@ PACKAGES = ("torch", "torchvision", "timm", "numpy", "mmdet", "mmcv", "mmengine"
             "pyautoattack", "papermill", "seaborn", "pandas", "pillow", "opencv-python", "imagecorruptions-imaug")
 
 
-def repo_root() -> Path:
-    """The kit's checkout (the folder holding pinpp_lib/)."""
+def _checkout_of(path: Path) -> Path | None:
+    """The kit checkout that holds `path` (a folder with pinpp_lib/ and notebooks/), if any."""
+    for p in (path, *path.parents):
+        if (p / "pinpp_lib" / "__init__.py").is_file() and (p / "notebooks").is_dir():
+            return p
+    return None
+
+
+def code_root() -> Path:
+    """The folder this package was imported from (the checkout, for the kit's own editable install)."""
     return Path(__file__).resolve().parents[1]
+
+
+def repo_root() -> Path:
+    """The kit's checkout, where default data and results live: $PINPP_ROOT if set, else the checkout the current
+    folder is in (JupyterLab and papermill run a notebook in its own folder), else the package's. So a second clone
+    that shares a virtual environment with the first reads and writes its own data/ and results/."""
+    env = os.environ.get("PINPP_ROOT")
+    if env:
+        return Path(env).resolve()
+    return _checkout_of(Path.cwd().resolve()) or code_root()
+
+
+def code_mismatch() -> str:
+    """One line when the current folder belongs to another checkout than the imported code ('' otherwise)."""
+    here = None if os.environ.get("PINPP_ROOT") else _checkout_of(Path.cwd().resolve())
+    if here is None or here == code_root():
+        return ""
+    return (f"pinpp_lib is imported from {code_root()}, but this folder is in the checkout {here}: that checkout's "
+            f"data/ and results/ are used with the other checkout's code; run {here}/run_all.sh (its own .venv) or "
+            f"`pip install -e {here}` in this environment")
 
 
 def git_commit() -> dict[str, Any]:
     """HEAD commit of the kit's checkout and whether the tree has uncommitted changes."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=repo_root(), capture_output=True, text=True, timeout=10).stdout.strip()
+        # the code that ran: the checkout the package was imported from
+        return subprocess.run(["git", *args], cwd=code_root(), capture_output=True, text=True, timeout=10).stdout.strip()
     try:
         # results/ is excluded: a run rewrites its own (tracked) outputs, which says nothing about the code
         return {"commit": git("rev-parse", "HEAD") or None,

@@ -270,24 +270,36 @@ def plot_predictions(run: dict, converted: str | Path, split: str, path: str | P
     plt = plots.pyplot()
     from PIL import Image
     from pycocotools.coco import COCO
+
+    from .imagenet import class_label
     gt_file = segmentation.annotation_file(converted, run["task"], split)
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(gt_file))
     dets = fileio.read_json(detections_path(run, run["task"], split, PLAIN))["detections"]["plain"]
-    ids = sorted(gt.getImgIds())[:n]
+    # panels: the images with most detections at or above the threshold first (ties: image id), then the others;
+    # when the model detects nothing there, the title says so
+    above: dict[int, int] = {}
+    for d in dets:
+        if d["score"] >= score_thr:
+            above[d["image_id"]] = above.get(d["image_id"], 0) + 1
+    ranked = sorted(above, key=lambda i: (-above[i], i))
+    ids = (ranked + [i for i in sorted(gt.getImgIds()) if i not in above])[:n]
     fig, axes = plt.subplots(2, len(ids), figsize=(2.2 * len(ids), 4.6), squeeze=False)
     for col, iid in enumerate(ids):
         info = gt.imgs[iid]
         img = np.asarray(Image.open(Path(converted) / "train" / "img" / info["file_name"]).convert("RGB"))
+        axes[0, col].set_title(class_label(info["file_name"].split("/")[0]), fontsize=7)
         truth = [(gt.annToMask(a), a["category_id"]) for a in gt.loadAnns(gt.getAnnIds(imgIds=[iid]))]
         pred = [(mask_utils.decode(d["segmentation"]), d["category_id"]) for d in dets
                 if d["image_id"] == iid and d["score"] >= score_thr]
         for row, (ms, title) in enumerate(((truth, f"truth: {len(truth)} parts"), (pred, f"predicted: {len(pred)}"))):
             ax = axes[row, col]
             ax.imshow(overlay(img, ms))
-            ax.set_title(title, fontsize=8)
+            ax.set_title((axes[0, col].get_title() + "\n" if row == 0 else "") + title, fontsize=7)
             ax.axis("off")
-    fig.suptitle(f"{CONFIGS[run['config']]} on {run['task']}_{split} (colour = part category; score ≥ {score_thr})", fontsize=9)
+    nothing = "" if above else f" — the model detects nothing at score ≥ {score_thr} on any {split} image"
+    fig.suptitle(f"{CONFIGS[run['config']]} on {run['task']}_{split} (colour = part category; score ≥ {score_thr}){nothing}",
+                 fontsize=8)
     fig.tight_layout()
     plots.save(fig, path, dpi=110)
     return Path(path)

@@ -301,8 +301,12 @@ def train(name: str, task: str, converted: str | Path, work: str | Path, sc: Seg
             fileio.write_json(out / STARTED, ident.record(), indent=1)
             fileio.write_text(out / "config.py", cfg.pretty_text)
         t0 = time.time()
-        runner = Runner.from_cfg(cfg)
-        runner.train()
+        # mmengine's console handler writes the environment, the config and every log line to stdout (thousands of
+        # lines in a notebook); it binds to the stdout it finds when the runner is built, so the run's console.log
+        # takes them. mmengine's own log file (<out>/<timestamp>/<timestamp>.log) is written as always.
+        with open(out / "console.log", "a") as console, contextlib.redirect_stdout(console):
+            runner = Runner.from_cfg(cfg)
+            runner.train()
     result: dict[str, Any] = {}
     if rank == 0:
         last = Path((out / "last_checkpoint").read_text().strip())

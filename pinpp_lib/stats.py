@@ -87,13 +87,14 @@ def plot_overlay_grid(release: Release, imagenet_train: str | Path, path: str | 
     from matplotlib.patches import Patch
     from PIL import Image
 
+    from .imagenet import class_label
     from .masks import rasterise
 
     rng = np.random.default_rng(seed)
     wnids = release.wnids
     picks = [wnids[i] for i in rng.permutation(len(wnids))[:n]] if len(wnids) >= n else [wnids[i % len(wnids)] for i in range(n)]
     rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 4.0 * rows), squeeze=False)
     palette = plt.get_cmap("tab10")
     for ax, wnid in zip(axes.flat, picks):
         cls = release.classes[wnid]
@@ -111,11 +112,12 @@ def plot_overlay_grid(release: Release, imagenet_train: str | Path, path: str | 
         for a in anns:  # outlines keep overlapping parts (child over parent) apart
             m = rasterise(a["segmentation"], im["height"], im["width"])
             ax.contour(m, levels=[0.5], colors=[colour[a["category_id"]]], linewidths=1.2)
-        ax.set_title(wnid, fontsize=9)
+        ax.set_title(class_label(wnid), fontsize=9)
         ax.axis("off")
         present = sorted({a["category_id"] for a in anns})
-        ax.legend(handles=[Patch(color=colour[c], label=names[c]) for c in present], fontsize=7, loc="lower right",
-                  framealpha=0.7)
+        # below the image, not on it: the legend must not hide the parts it names
+        ax.legend(handles=[Patch(color=colour[c], label=names[c]) for c in present], fontsize=7, loc="upper center",
+                  bbox_to_anchor=(0.5, 0.0), ncol=2, frameon=False)
     for ax in list(axes.flat)[len(picks):]:
         ax.axis("off")
     fig.tight_layout()

@@ -84,13 +84,29 @@ def register(results_dir: str | Path, files: list[str], *, notebook: str, paper:
     for f in files:
         index[f] = {"notebook": notebook, "paper": paper, "what": what}
     fileio.write_json(index_path, dict(sorted(index.items())), indent=1)
-    rows = ["| file | notebook | paper | what |", "|---|---|---|---|"]
-    rows += [f"| `{f}` | `{e['notebook']}` | {e['paper']} | {e['what']} |" for f, e in sorted(index.items())]
+    rows = _readme_rows(index)
     fileio.write_text(results_dir / "README.md",
                       "# Results\n\nWritten by the notebooks (`./run_all.sh`); every table is CSV + Markdown + LaTeX,\n"
                       "with the paper's numbers beside ours where they are known. Each notebook run also leaves\n"
                       "`run_meta/<notebook>.json` (parameters, profile, git commit, packages, device, seeds, time)\n"
                       "and its executed copy in `executed/` (not committed).\n\n" + "\n".join(rows) + "\n")
+
+
+def _readme_rows(index: dict[str, dict[str, str]]) -> list[str]:
+    """One row per table, figure or record set (its files linked, its notebook linked), in notebook order."""
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for f, e in index.items():
+        stem = f.split("/")[-1].split(".")[0]
+        groups.setdefault((e["notebook"], f.rsplit("/", 1)[0] if "/" in f else "", stem), []).append(f)
+    rows = ["| paper | what | files | notebook |", "|---|---|---|---|"]
+    for (nb, _, _), files in sorted(groups.items()):
+        e = index[files[0]]
+        order = {"md": 0, "csv": 1, "tex": 2}
+        files = sorted(files, key=lambda f: (order.get(f.rsplit(".", 1)[-1], 3), f))
+        label = (lambda f: f.split("/")[-1]) if len(files) == 1 else (lambda f: f.rsplit(".", 1)[-1])  # a table: md · csv · tex
+        links = " · ".join(f"[{label(f)}]({f})" for f in files)
+        rows.append(f"| {e['paper']} | {e['what']} | {links} | [{nb}](../notebooks/{nb}) |")
+    return rows
 
 
 def write_records(df: pd.DataFrame, name: str, results_dir: str | Path, *, notebook: str, paper: str, what: str) -> Path:

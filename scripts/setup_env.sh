@@ -80,7 +80,7 @@ log "installing cached wheels and the pinned stack"
 "${PIP[@]}" install -q --no-deps "$CACHE"/learn2learn-"$L2L_VERSION"-*.whl qpth==0.0.18 gym==0.26.2 gym-notices==0.1.0 cloudpickle
 "${PIP[@]}" install -q -r "$ROOT/requirements.txt" $TORCH_PIN
 "${PIP[@]}" install -q --no-deps -e "$ROOT"
-"$VENV/bin/python" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (pinpp)" >/dev/null
+"$VENV/bin/python" -m ipykernel install --sys-prefix --name pinpp --display-name "Python 3 (pinpp)" >/dev/null
 "$VENV/bin/python" - <<'PY'
 import torch, torchvision, mmcv, mmdet, learn2learn, pycocotools, timm, pyautoattack, papermill  # noqa: F401
 from mmcv.ops import RoIAlign  # noqa: F401  (compiled ops present)

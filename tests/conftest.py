@@ -74,7 +74,7 @@ def scratch_kit(tmp_path: Path, notebooks: dict[str, str]) -> Path:
     (kit / ".venv").symlink_to(Path(sys.prefix))
     for name, code in notebooks.items():
         n = nbformat.v4.new_notebook()
-        n.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        n.metadata = {"kernelspec": {"name": "pinpp", "display_name": "Python 3 (pinpp)", "language": "python"},
                       "language_info": {"name": "python"}}
         params = nbformat.v4.new_code_cell('PROFILE = "smoke"\nDATA_ROOT = None\nRESULTS_DIR = None')
         params.metadata["tags"] = ["parameters"]

@@ -48,7 +48,7 @@ def smoke_run(tmp_path_factory):
     data, results = tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("results")
     for nb in [p for p in NOTEBOOKS if p.name[:2] in ("00", "01")]:
         pm.execute_notebook(str(nb), str(results / nb.name), parameters={"DATA_ROOT": str(data), "RESULTS_DIR": str(results)},
-                            kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
+                            kernel_name="pinpp", cwd=str(ROOT / "notebooks"), progress_bar=False)
     return data, results
 
 
@@ -79,7 +79,7 @@ def test_prepare_and_statistics_notebooks(smoke_run):
 def _run(nb_name: str, data: Path, results: Path) -> None:
     nb = ROOT / "notebooks" / nb_name
     pm.execute_notebook(str(nb), str(results / nb.name), parameters={"DATA_ROOT": str(data), "RESULTS_DIR": str(results)},
-                        kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
+                        kernel_name="pinpp", cwd=str(ROOT / "notebooks"), progress_bar=False)
 
 
 def test_segmentation_notebooks(smoke_run):
@@ -128,7 +128,7 @@ def test_mpm_notebook(smoke_run):
     data, results = smoke_run
     nb = ROOT / "notebooks" / "05_mpm_adversarial_training.ipynb"
     pm.execute_notebook(str(nb), str(results / nb.name), parameters={"DATA_ROOT": str(data), "RESULTS_DIR": str(results)},
-                        kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
+                        kernel_name="pinpp", cwd=str(ROOT / "notebooks"), progress_bar=False)
     t3 = pd.read_csv(results / "table3_mpm_autoattack.csv")
     ours = t3[t3.model.isin(["vanilla AT", "MPM AT"])]
     assert len(ours) == 2 and (ours.evaluation == "AutoAttack (standard)").all()
@@ -158,7 +158,7 @@ def test_robustness_notebook(smoke_run):
     data, results = smoke_run
     nb = ROOT / "notebooks" / "06_robustness_ood.ipynb"
     pm.execute_notebook(str(nb), str(results / nb.name), parameters={"DATA_ROOT": str(data), "RESULTS_DIR": str(results)},
-                        kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
+                        kernel_name="pinpp", cwd=str(ROOT / "notebooks"), progress_bar=False)
     models = ["vanilla", "MPM", "vanilla AT", "MPM AT"]
     a1 = pd.read_csv(results / "tableA1_imagenet_c.csv")
     from pinpp_lib.corruptions import CORRUPTIONS
@@ -181,7 +181,7 @@ def test_few_shot_notebook(smoke_run):
     data, results = smoke_run
     nb = ROOT / "notebooks" / "07_few_shot.ipynb"
     pm.execute_notebook(str(nb), str(results / nb.name), parameters={"DATA_ROOT": str(data), "RESULTS_DIR": str(results)},
-                        kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
+                        kernel_name="pinpp", cwd=str(ROOT / "notebooks"), progress_bar=False)
     for name, col in (("table11_few_shot_1shot", "1-shot accuracy"), ("table12_few_shot_5shot", "5-shot accuracy (ours)")):
         t = pd.read_csv(results / f"{name}.csv")
         ours = t[t[col].notna()]

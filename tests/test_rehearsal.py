@@ -165,7 +165,7 @@ def test_rehearsal_runs_every_notebook(tmp_path):
     try:
         for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
             t0 = time.time()
-            pm.execute_notebook(str(nb), str(results / "executed" / nb.name), kernel_name="python3",
+            pm.execute_notebook(str(nb), str(results / "executed" / nb.name), kernel_name="pinpp",
                                 cwd=str(ROOT / "notebooks"), progress_bar=False,
                                 parameters={"PROFILE": "rehearsal", "DATA_ROOT": str(data), "RESULTS_DIR": str(results)})
             times[nb.stem] = round(time.time() - t0, 1)

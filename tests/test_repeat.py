@@ -24,7 +24,7 @@ def test_few_shot_notebook_twice_gives_identical_tables(tmp_path):
     for k in (1, 2):
         data, results = tmp_path / f"data{k}", tmp_path / f"results{k}"
         pm.execute_notebook(str(nb), str(tmp_path / f"run{k}.ipynb"), parameters={"DATA_ROOT": str(data), "RESULTS_DIR": str(results)},
-                            kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
+                            kernel_name="pinpp", cwd=str(ROOT / "notebooks"), progress_bar=False)
         runs.append(_outputs(results))
     assert runs[0].keys() == runs[1].keys() and runs[0]
     differ = [name for name in runs[0] if runs[0][name] != runs[1][name]]

@@ -40,7 +40,9 @@ def test_write_table_and_index(tmp_path):
     assert "\\begin{tabular}" in paths["tex"].read_text()
     index = json.loads((tmp_path / "index.json").read_text())
     assert index["t_demo.csv"] == {"notebook": "nb.ipynb", "paper": "Table 9", "what": "demo"}
-    assert "`t_demo.md` | `nb.ipynb` | Table 9" in (tmp_path / "README.md").read_text()
+    # one row per table: its three files and its notebook linked
+    assert ("| Table 9 | demo | [md](t_demo.md) · [csv](t_demo.csv) · [tex](t_demo.tex) | [nb.ipynb](../notebooks/nb.ipynb) |"
+            in (tmp_path / "README.md").read_text())
 
 
 def test_paper_values_are_data():

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from mmengine.structures import InstanceData
 
-from pinpp_lib import masks, pseudo_labels, seg_eval, segmentation
+from pinpp_lib import fileio, masks, pseudo_labels, seg_eval, segmentation
 from pinpp_lib import seg_models  # noqa: F401  (registers the kit's mmdet modules)
 from pinpp_lib.fileio import PinppError
 
@@ -150,7 +150,7 @@ def test_compose_follows_the_converter_overlap_rule(tmp_path):
     assert np.array_equal(masks.read_label_png(tmp_path / "x.png", max_id=700), lab.astype(np.int64))
 
 
-def test_pseudo_labels_are_written_resumably_and_feed_mpm_training(tiny_run, converted, tmp_path):
+def test_pseudo_labels_are_written_resumably_and_feed_mpm_training(tiny_run, converted, tmp_path, monkeypatch):
     conv = tmp_path / "conv"
     shutil.copytree(converted, conv, symlinks=True)
     unlabelled = pseudo_labels.unlabelled_images(conv)[2]
@@ -182,6 +182,49 @@ def test_pseudo_labels_are_written_resumably_and_feed_mpm_training(tiny_run, con
     from pinpp_lib.datasets import PartSegDataset
     ds = PartSegDataset(conv, seg_dir="seg_pseudo_cf")
     assert sum(ds.has_seg) == sum(PartSegDataset(conv).has_seg) + len(unlabelled) - 1
+    # the figure says what each variant painted, and says so where it painted nothing (issue 15)
+    figs = _captured_figures(monkeypatch)
+    pseudo_labels.plot_pseudo(conv, recs, tmp_path / "p.png", n=len(unlabelled))
+    titles = [ax.get_title() for ax in figs[-1].axes]
+    for _, r in recs.iterrows():  # each image and variant: its title states the record
+        want = (f"{int(r['parts painted'])} parts on {r['labelled fraction']:.0%} of pixels" if r["parts painted"]
+                else "nothing painted (0% of pixels)")
+        assert any(t.startswith(("w/o CF: " if r.variant == "nocf" else "w/ CF: ") + want) for t in titles), (want, titles)
+    assert any(t.startswith(unlabelled[1][0].split("/")[0] + " ") for t in titles)  # wnid + class name
+
+
+def _captured_figures(monkeypatch) -> list:
+    from pinpp_lib import plots
+    figs, real = [], plots.save
+    monkeypatch.setattr(plots, "save", lambda fig, path, dpi=plots.DPI: (figs.append(fig), real(fig, path, dpi))[1])
+    monkeypatch.setattr(plots.pyplot(), "close", lambda fig=None: None)
+    return figs
+
+
+def test_part_figure_picks_images_with_detections_or_says_there_are_none(tiny_run, converted, tmp_path, monkeypatch):
+    figs = _captured_figures(monkeypatch)
+    seg_eval.evaluate_run(tiny_run, converted, "test", "parts", TINY)  # writes the detections the figure reads
+    seg_eval.plot_predictions(tiny_run, converted, "test", tmp_path / "a.png", n=3, score_thr=1.01)
+    assert "the model detects nothing at score ≥ 1.01 on any test image" in figs[-1]._suptitle.get_text()
+    # one confident detection (a ground-truth mask) on the last test image: that image comes first
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+    run = {**tiny_run, "out": str(tmp_path / "run")}
+    shutil.copytree(tiny_run["out"], run["out"])
+    path = seg_eval.detections_path(run, "parts", "test", seg_eval.PLAIN)
+    det = fileio.read_json(path)
+    gt = COCO(str(segmentation.annotation_file(converted, "parts", "test")))
+    iid = sorted(gt.getImgIds())[-1]
+    ann = gt.loadAnns(gt.getAnnIds(imgIds=[iid]))[0]
+    rle = mask_utils.encode(np.asfortranarray(gt.annToMask(ann)))
+    det["detections"]["plain"].append({"image_id": iid, "category_id": ann["category_id"], "score": 0.9,
+                                       "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})
+    fileio.write_json(path, det)
+    seg_eval.plot_predictions(run, converted, "test", tmp_path / "b.png", n=3, score_thr=0.5)
+    assert "detects nothing" not in figs[-1]._suptitle.get_text()
+    wnid = gt.imgs[iid]["file_name"].split("/")[0]
+    assert figs[-1].axes[0].get_title().startswith(f"{wnid} ")  # wnid + class name, the image with the detection first
+    assert figs[-1].axes[3].get_title() == "predicted: 1"
 
 
 # ---------------------------------------------------------------- evaluation
@@ -257,9 +300,11 @@ def test_missing_pretrained_weights_fail_with_the_file_to_fetch(converted, tmp_p
 
 
 @pytest.mark.parametrize("name", list(segmentation.CONFIGS))
-def test_every_config_trains_one_iteration_and_evaluates(name, converted, tmp_path):
+def test_every_config_trains_one_iteration_and_evaluates(name, converted, tmp_path, capsys):
     task = "objects+parts" if "cascade" in name else "parts"
     run = segmentation.train(name, task, converted, tmp_path, TINY, 0)
+    # mmengine's console lines go to the run's console.log, not to the notebook (issue 15)
+    assert "mmengine - " not in capsys.readouterr().out and "mmengine - " in (Path(run["out"]) / "console.log").read_text()
     assert run["iters"] == 1 and run["sha256"].startswith(run["weights"].split("_")[1][:12])
     assert len(list(Path(run["out"]).glob("iter_*.pth"))) == 1  # only the last resume point is kept (to rewrite the weights)
     rows, per = seg_eval.evaluate_run(run, converted, "test", "objects" if task == "objects+parts" else "parts", TINY)
