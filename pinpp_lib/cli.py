@@ -172,7 +172,7 @@ def _cmd_human(a: argparse.Namespace) -> int:
         print("model vs humans")
     else:
         _, agg = H.human_ceiling(trials)
-        print("human noise ceiling (each subject vs the other subjects)")
+        print("human noise ceiling (every pair of subjects once; the toolbox's excluded conditions left out)")
     print(agg.round(3).to_string())
     return 0
 

@@ -1,22 +1,28 @@
-"""model-vs-human consistency metrics (paper Table 8; Geirhos et al., described in our own words).
+"""model-vs-human consistency metrics (paper Table 8) as the toolbox computes them (bethgelab/model-vs-human @79ed7cd,
+`modelvshuman/plotting/analyses.py` and `plot.py`; restated in our own words).
 
-Per dataset, human subject and condition, on the trials that subject saw:
+Per dataset, condition and pair of observers (a model and a human subject, or two subjects), on the same trials:
 
-    accuracy difference    (acc_model − acc_human)²
+    accuracy difference    (acc_a − acc_b)²
     observed consistency   c_obs = share of trials where both are right or both are wrong
-    error consistency      κ = (c_obs − c_exp) / (1 − c_exp),  c_exp = a_m·a_h + (1 − a_m)(1 − a_h)
+    error consistency      κ = (c_obs − c_exp) / (1 − c_exp),  c_exp = a_a·a_b + (1 − a_a)(1 − a_b); κ = 1 when c_obs = 1
+                           (the toolbox's rule, which also covers c_exp = 1)
 
-Each is averaged over conditions, then over subjects, then over datasets. Undistorted control
-conditions and conditions where the subject scores below 0.2 are left out. The human side is the
-benchmark's real trial records, shipped in `pinpp_lib/data/model_vs_human/` (MIT, see its LICENSE).
+A model's value: the mean over conditions for each subject, then over subjects, then over datasets. The human noise
+ceiling: every unordered pair of subjects once, the mean over conditions per pair, then over pairs, then over
+datasets. OOD accuracy: a decision maker's 16-class accuracy over all kept trials of a dataset, then the mean over
+datasets. The toolbox's fixed list of excluded conditions (controls, and conditions where humans score < 0.2 on
+average) applies to all of them (`data/model_vs_human/excluded_conditions.csv`); conditions are compared as the
+toolbox reads them (pandas' parsing of the CSVs, then str). The human side is the benchmark's real trial records,
+shipped in `pinpp_lib/data/model_vs_human/` (MIT, see its LICENSE).
 
 A trial is matched to a model decision by its image key: the image name without the trial number,
 experiment code and subject ("0001_cop_s02_c30_airplane_10_n02690373_12984.png" →
-"c30_airplane_10_n02690373_12984.png"); all subjects of a dataset saw the same keys, which also
-gives the human noise ceiling (each subject against each other subject, same aggregation).
+"c30_airplane_10_n02690373_12984.png"); all subjects of a dataset saw the same keys.
 """
 from __future__ import annotations
 
+import functools
 from importlib import resources
 from pathlib import Path
 
@@ -27,13 +33,15 @@ from . import fileio
 from .imagenet import human16_map
 from .fileio import PinppError
 
-# Undistorted control condition of each parametric dataset (the others have one condition, "0").
-CONTROL_CONDITIONS = {
-    "colour": {"cr"}, "contrast": {"c100"}, "false-colour": {"true"}, "high-pass": {"inf"}, "low-pass": {"0"},
-    "phase-scrambling": {"0"}, "power-equalisation": {"0"}, "rotation": {"0"}, "uniform-noise": {"0.00"},
-    "eidolonI": {"1-10-10"}, "eidolonII": {"1-3-10"}, "eidolonIII": {"1-0-10"},
-}
-MIN_HUMAN_ACCURACY = 0.2
+METRICS = ["accuracy_difference", "observed_consistency", "error_consistency"]
+
+
+@functools.lru_cache(maxsize=None)
+def excluded_conditions() -> frozenset[tuple[str, str]]:
+    """(dataset, condition) pairs the toolbox leaves out (its EXCLUDE_CONDITIONS, shipped as data)."""
+    with resources.files("pinpp_lib.data").joinpath("model_vs_human").joinpath("excluded_conditions.csv").open() as f:
+        df = pd.read_csv(f, comment="#", dtype=str)
+    return frozenset(zip(df["dataset"], df["condition"]))
 
 
 def data_root() -> Path:
@@ -62,12 +70,17 @@ def load_trials(root: str | Path | None = None, datasets: list[str] | None = Non
             missing = {"subj", "object_response", "category", "condition", "imagename"} - set(df.columns)
             if missing:
                 raise PinppError(f"{f}: missing column(s) {sorted(missing)}; expected the benchmark's raw-data format")
-            frames.append(pd.DataFrame({"dataset": d.name, "subject": df["subj"], "condition": df["condition"],
+            # the condition as the toolbox sees it: pandas' own parsing of the file, then str ("0.00" -> "0.0")
+            parsed = pd.read_csv(f)
+            parsed.columns = [c.lower() for c in parsed.columns]
+            frames.append(pd.DataFrame({"dataset": d.name, "subject": df["subj"], "condition": parsed["condition"],
                                         "category": df["category"], "response": df["object_response"],
                                         "key": df["imagename"].map(image_key)}))
     if not frames:
         raise PinppError(f"{root}: no trial CSVs found (datasets {datasets or 'all'})")
-    return pd.concat(frames, ignore_index=True)
+    out = pd.concat(frames, ignore_index=True)
+    out["condition"] = out["condition"].astype(str)
+    return out
 
 
 DECISIONS_FORMAT = "a CSV with columns dataset, imagename (or key), decision (one of the 16 categories)"
@@ -108,23 +121,24 @@ def pair_metrics(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     pa, pb = a.mean(), b.mean()
     c_obs = float((a == b).mean())
     c_exp = float(pa * pb + (1 - pa) * (1 - pb))
-    kappa = (c_obs - c_exp) / (1 - c_exp) if c_exp < 1 else np.nan
+    kappa = 1.0 if c_obs == 1.0 else (c_obs - c_exp) / (1 - c_exp)  # c_obs < 1 implies c_exp < 1
     return {"accuracy_difference": float((pa - pb) ** 2), "observed_consistency": c_obs, "error_consistency": kappa,
             "acc_a": float(pa), "acc_b": float(pb)}
 
 
-def _aggregate(per_condition: pd.DataFrame) -> pd.DataFrame:
-    """Conditions → subjects → datasets (means), then the overall mean in a row 'all'."""
-    cols = ["accuracy_difference", "observed_consistency", "error_consistency"]
-    by_subject = per_condition.groupby(["dataset", "subject"])[cols].mean()
-    by_dataset = by_subject.groupby("dataset")[cols].mean()
+def _aggregate(per_condition: pd.DataFrame, unit: list[str]) -> pd.DataFrame:
+    """Conditions → `unit` (a subject, or a pair of subjects) → datasets (means), then the mean over datasets as 'all'."""
+    by_unit = per_condition.groupby(["dataset", *unit])[METRICS].mean()
+    by_dataset = by_unit.groupby("dataset")[METRICS].mean()
     overall = by_dataset.mean().to_frame().T
     overall.index = ["all"]
     return pd.concat([by_dataset, overall])
 
 
-def _keep(dataset: str, condition: str, human_acc: float) -> bool:
-    return condition not in CONTROL_CONDITIONS.get(dataset, set()) and human_acc >= MIN_HUMAN_ACCURACY
+def kept(trials: pd.DataFrame) -> pd.DataFrame:
+    """The trials of the conditions the toolbox keeps."""
+    drop = excluded_conditions()
+    return trials[[(d, c) not in drop for d, c in zip(trials["dataset"], trials["condition"])]]
 
 
 def model_vs_humans(decisions: pd.DataFrame, trials: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -139,36 +153,42 @@ def model_vs_humans(decisions: pd.DataFrame, trials: pd.DataFrame) -> tuple[pd.D
         raise PinppError(f"no model decision for {lost['dataset']}/{lost['key']} "
                          f"({int(merged['decision'].isna().sum())} trials); decide on every image of the datasets")
     rows = []
-    for (ds, subj, cond), g in merged.groupby(["dataset", "subject", "condition"]):
-        human = (g["response"] == g["category"]).to_numpy()
-        if _keep(ds, cond, human.mean()):
-            rows.append({"dataset": ds, "subject": subj, "condition": cond,
-                         **pair_metrics((g["decision"] == g["category"]).to_numpy(), human)})
+    for (ds, subj, cond), g in kept(merged).groupby(["dataset", "subject", "condition"]):
+        rows.append({"dataset": ds, "subject": subj, "condition": cond,
+                     **pair_metrics((g["decision"] == g["category"]).to_numpy(), (g["response"] == g["category"]).to_numpy())})
     per = pd.DataFrame(rows)
-    return per, _aggregate(per)
+    return per, _aggregate(per, ["subject"])
 
 
 def human_ceiling(trials: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The noise ceiling: each subject (as 'model') against each other subject, same aggregation."""
+    """The noise ceiling: every unordered pair of subjects once, on the trials both saw, same aggregation (per pair)."""
     rows = []
-    for ds, g in trials.groupby("dataset"):
+    for ds, g in kept(trials).groupby("dataset"):
         wide = g.assign(correct=g["response"] == g["category"]).pivot_table(
             index=["condition", "key"], columns="subject", values="correct", aggfunc="first")
-        subjects = list(wide.columns)
+        subjects = sorted(wide.columns)
         for cond, w in wide.groupby(level="condition"):
-            for s in subjects:
-                human = w[s].dropna().astype(bool)
-                if not _keep(ds, cond, human.mean()):
-                    continue
-                for o in subjects:
-                    if o != s:
-                        other = w[o].reindex(human.index).dropna().astype(bool)
-                        rows.append({"dataset": ds, "subject": s, "other": o, "condition": cond,
-                                     **pair_metrics(other.to_numpy(), human.loc[other.index].to_numpy())})
+            for i, s in enumerate(subjects):
+                for o in subjects[i + 1:]:
+                    both = w[[s, o]].dropna()
+                    rows.append({"dataset": ds, "subject": s, "other": o, "condition": cond,
+                                 **pair_metrics(both[s].astype(bool).to_numpy(), both[o].astype(bool).to_numpy())})
     per = pd.DataFrame(rows)
-    per = per.groupby(["dataset", "subject", "condition"], as_index=False)[
-        ["accuracy_difference", "observed_consistency", "error_consistency"]].mean()
-    return per, _aggregate(per)
+    return per, _aggregate(per, ["subject", "other"])
+
+
+def ood_accuracy(decisions: pd.DataFrame, trials: pd.DataFrame) -> pd.Series:
+    """16-class OOD accuracy (fraction) per model and dataset as the toolbox reports it: over the images of the
+    dataset's kept conditions (the mean over datasets is its benchmark number). `decisions`: model, dataset, key,
+    decision, category; each image's condition is read from `trials`. Index: (model, dataset)."""
+    cond = trials.drop_duplicates(["dataset", "key"]).set_index(["dataset", "key"])["condition"]
+    d = decisions.drop(columns=["condition"], errors="ignore").join(cond, on=["dataset", "key"])
+    if d["condition"].isna().any():
+        lost = d[d["condition"].isna()].iloc[0]
+        raise PinppError(f"decision for {lost['dataset']}/{lost['key']}: no human trial shows that image; decide on the "
+                         "toolbox's images (<dataset>/dnn/session-1/*.png)")
+    d = kept(d)
+    return (d["decision"] == d["category"]).groupby([d["model"], d["dataset"]]).mean()
 
 
 def decide16(probs: np.ndarray, class_indices: list[int] | None = None) -> list[str]:

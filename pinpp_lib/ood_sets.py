@@ -174,9 +174,10 @@ def table_a2(records: pd.DataFrame, titles: dict[str, str] | None = None) -> pd.
 
 
 def mvh_accuracy(decisions: pd.DataFrame) -> pd.DataFrame:
-    """16-class accuracy (%) per model on each model-vs-human set and their mean."""
-    acc = (decisions["decision"] == decisions["category"]).groupby([decisions["model"], decisions["dataset"]]).mean().mul(100)
+    """16-class accuracy (%) per model on each model-vs-human set and their mean, as the toolbox reports OOD accuracy
+    (`human_consistency.ood_accuracy`: the images of each set's kept conditions)."""
+    from .human_consistency import load_trials, ood_accuracy
+    acc = ood_accuracy(decisions, load_trials(datasets=sorted(set(decisions["dataset"])))).mul(100)
     out = acc.unstack("dataset")
     out["model-vs-human (mean)"] = out.mean(axis=1)
     return out.loc[list(dict.fromkeys(decisions["model"]))].reset_index()
-
