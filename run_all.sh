@@ -70,7 +70,7 @@ for nb in "${selected[@]}"; do
   echo "== run_all: $nb (profile $PROFILE)"
   t0=$SECONDS
   if ! "$PY" -m papermill "$ROOT/notebooks/$nb" "$RESULTS/executed/$nb" "${params[@]}" \
-        --cwd "$ROOT/notebooks" -k python3 --progress-bar --request-save-on-cell-execute; then
+        --cwd "$ROOT/notebooks" -k pinpp --progress-bar --request-save-on-cell-execute; then
     echo "run_all.sh: notebook $nb FAILED; see $RESULTS/executed/$nb. Results of earlier notebooks are intact." >&2
     exit 1
   fi

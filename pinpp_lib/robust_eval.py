@@ -171,13 +171,23 @@ def check_clean_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cl
     return acc
 
 
+# Standard AutoAttack's targeted stages and their target classes (pyautoattack `_set_version("standard")`, the same
+# as the copy vendored in LixiaoTHU/PartImageNetPP): APGD-T 9 at L∞/L2 and 5 at L1 (with use_largereps), FAB-T 9 at
+# every norm — all four stages run at every norm.
+STANDARD_TARGETS = {"Linf": {"apgd-t": 9, "fab-t": 9}, "L2": {"apgd-t": 9, "fab-t": 9}, "L1": {"apgd-t": 5, "fab-t": 9}}
+
+
+def classes_needed(norm: str) -> int:
+    """Classes a model needs for standard AutoAttack at `norm`: its targeted stages' targets plus the true class."""
+    return 1 + max(STANDARD_TARGETS[norm].values())
+
+
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: EvalConfig, work_dir: str | Path,
              start: int = 0, device: str | torch.device = "cpu") -> list[dict[str, Any]]:
     """All threats of `cfg` on one shard: clean floor check, then per-image records for each threat."""
     work_dir = Path(work_dir)
     if cfg.mode == "autoattack":
-        # standard AA's targeted stages use 9 target classes at L∞/L2 and 5 at L1 (plus the true class)
-        need = max(10 if THREATS[t][0] in ("Linf", "L2") else 6 for t in cfg.threats)
+        need = max(classes_needed(THREATS[t][0]) for t in cfg.threats)
         if num_classes < need:
             raise PinppError(f"standard AutoAttack needs at least {need} classes (its targeted attacks use "
                              f"{need - 1} target classes); this model has {num_classes} — use more classes "

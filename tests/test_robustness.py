@@ -215,3 +215,17 @@ def test_capped_standins_list_every_pin_class_of_the_val_list(converted, synth, 
     want = sorted(w for w in val_classes if sc.get(w) in S.PIN_SUPERCATEGORIES)
     assert len(want) > 2 and PS.read_subset(tmp_path / "pin_subsets" / "pin125.txt") == want
     assert len({p.parent.name for p in (tmp_path / "imagenet_sketch" / "sketch").rglob("*.JPEG")}) <= 2
+
+
+def test_standard_autoattack_class_guard_matches_the_library():
+    """The guard asks for what `pyautoattack`'s standard version really runs: FAB-T with 9 targets at every norm, so
+    10 classes at L1 too (APGD-T's 5 L1 targets are not the binding stage)."""
+    import torch.nn as nn
+    from pyautoattack import AutoAttack
+
+    from pinpp_lib import robust_eval
+    for norm in ("Linf", "L2", "L1"):
+        aa = AutoAttack(nn.Linear(2, 2), norm=norm, eps=0.1, version="standard", device="cpu", seed=0)
+        assert set(aa.attacks_to_run) == {"apgd-ce", "apgd-t", "fab-t", "square"}
+        assert robust_eval.STANDARD_TARGETS[norm] == {"apgd-t": aa.apgd_targeted.n_target_classes, "fab-t": aa.fab.n_target_classes}
+        assert robust_eval.classes_needed(norm) == 10
