@@ -341,10 +341,12 @@ def test_killed_training_resumes_from_its_last_checkpoint(smoke_data_root):
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert not (run / "done.json").exists()
+    before = (run / "console.log").stat().st_size  # mmengine's console lines go to the run's console.log
     q = _cli(*args)
     out = q.communicate(timeout=600)[0]
     assert q.returncode == 0, out
-    assert "resumed" in out.lower() and "Iter(train) [ 2/12]" not in out  # continued, not restarted
+    log = (run / "console.log").read_text()[before:]
+    assert "resumed" in log.lower() and "Iter(train) [ 2/12]" not in log  # continued, not restarted
     assert json.loads((run / "done.json").read_text())["iters"] == 12
 
 
