@@ -112,15 +112,17 @@ def write_imagenet_c(root: str | Path, x: torch.Tensor, rel_paths: list[str], se
 
 def evaluate(models: dict[str, nn.Module], root: str | Path, rel_paths: list[str], y: torch.Tensor, size: int,
              corruptions: tuple[str, ...] = CORRUPTIONS, severities: tuple[int, ...] = (1, 2, 3, 4, 5),
-             batch_size: int = 250, device: str | torch.device = "cpu") -> list[dict[str, Any]]:
+             batch_size: int = 250, device: str | torch.device = "cpu", crop_pct: float = 0.875) -> list[dict[str, Any]]:
     """Per-image records (model, index, label, corruption, family, severity, correct) read from an
-    ImageNet-C folder in batches; each batch is loaded once and shown to every model."""
+    ImageNet-C folder in batches; each batch is loaded once and shown to every model. `crop_pct`: the authors read
+    ImageNet-C's 224-px images with their test transform (`eval_multi_dataset.py`: resize 256 bicubic, centre crop
+    224 — a 1.14× zoom), 0.875; 1.0 reads them as the crops they are (`RobustnessConfig.imagenet_c_crop_pct`)."""
     from .ood_sets import stream_logits
     records: list[dict[str, Any]] = []
     for c in tqdm(corruptions, desc="ImageNet-C", leave=False):
         for s in severities:
             paths = imagenet_c_paths(root, c, s, rel_paths)
-            for start, logits in stream_logits(models, paths, size, 1.0, batch_size, device=device, desc=f"{c}/{s}"):
+            for start, logits in stream_logits(models, paths, size, crop_pct, batch_size, device=device, desc=f"{c}/{s}"):
                 for name, z in logits.items():
                     records += [{"model": name, "index": start + i, "label": int(y[start + i]), "corruption": c,
                                  "family": FAMILY_OF[c], "severity": s, "correct": bool(p == y[start + i])}

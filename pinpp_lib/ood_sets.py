@@ -10,7 +10,8 @@
 A set that covers only part of the model's classes is scored with the logits masked to the classes
 it contains (the usual ImageNet-A/-R convention); an image of a class the model does not know is an
 error. Images are read in batches by a DataLoader (a 50k-image set never sits in memory), with the
-kit's evaluation transform; ImageNet-C crops are read with `crop_pct=1` (they are already crops).
+kit's evaluation transform (the authors' `eval_multi_dataset.py` test transform), except ImageNet-A-Plus, which
+the authors read with a square `Resize((256, 256))` (`square_transform`). ImageNet-C: `corruptions.evaluate`.
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ import pandas as pd
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode, v2
 from tqdm.auto import tqdm
 
-from .datasets import IMG_EXTS, TransformConfig, _load_rgb, eval_transform
+from .datasets import IMG_EXTS, TransformConfig, _load_rgb, _to_unit, eval_transform
 from .fileio import PinppError
 from .human_consistency import decide16, image_key
 from .imagenet import in1k_index
@@ -52,11 +54,20 @@ MVH_LAYOUT = ("<root>/<dataset>/dnn/session-1/<NNNN>_<exp>_dnn_<condition>_<cate
               "`modelvshuman` toolbox downloads them (github.com/bethgelab/model-vs-human)")
 
 
-class PathDataset(Dataset):
-    """Images at `paths`, transformed for evaluation."""
+def square_transform(size: int, crop_pct: float) -> v2.Compose:
+    """The authors' ImageNet-A-Plus transform (`eval_multi_dataset.py`: `Resize((256, 256))`, bilinear, aspect not
+    kept; `CenterCrop(224)`; `ToTensor`), for `size` 224 and `crop_pct` 0.875; PIL's resize, as theirs on PIL images."""
+    side = int(size / crop_pct)
+    return v2.Compose([v2.Resize((side, side), interpolation=InterpolationMode.BILINEAR, antialias=True),
+                       v2.CenterCrop(size), v2.ToImage(), _to_unit])
 
-    def __init__(self, paths: list[Path], size: int, crop_pct: float):
-        self.paths, self.transform = paths, eval_transform(TransformConfig(size=size, crop_pct=crop_pct))
+
+class PathDataset(Dataset):
+    """Images at `paths`, transformed for evaluation (the kit's eval transform, or the square resize: `square`)."""
+
+    def __init__(self, paths: list[Path], size: int, crop_pct: float, square: bool = False):
+        self.paths = paths
+        self.transform = square_transform(size, crop_pct) if square else eval_transform(TransformConfig(size=size, crop_pct=crop_pct))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -66,9 +77,10 @@ class PathDataset(Dataset):
 
 
 def stream_logits(models: dict[str, nn.Module], paths: list[Path], size: int, crop_pct: float, batch_size: int = 250,
-                  workers: int = 0, device: str | torch.device = "cpu", desc: str = "images") -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+                  workers: int = 0, device: str | torch.device = "cpu", desc: str = "images",
+                  square: bool = False) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """(start index, {model: logits}) per batch; every batch is read once and shown to every model."""
-    loader = DataLoader(PathDataset(paths, size, crop_pct), batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(PathDataset(paths, size, crop_pct, square), batch_size=batch_size, num_workers=workers)
     start = 0
     with torch.no_grad():
         for x in tqdm(loader, desc=desc, leave=False):
@@ -116,15 +128,17 @@ def label_space(wnids: list[str], model_classes: list[str]) -> tuple[torch.Tenso
 
 def evaluate_folder_set(models: dict[str, nn.Module], name: str, root: str | Path, model_classes: list[str], size: int,
                         crop_pct: float, batch_size: int = 250, device: str | torch.device = "cpu",
-                        images: int = 0) -> list[dict[str, Any]]:
+                        images: int = 0, square: tuple[str, ...] = ("imagenet_a_plus",)) -> list[dict[str, Any]]:
     """Per-image records (model, set, index, label, pred, correct) with the set's label convention; `images`: at
-    most that many, spread over the set (0: all)."""
+    most that many, spread over the set (0: all); sets in `square` are read with the authors' square resize
+    (`square_transform`; `RobustnessConfig.square_resize`)."""
     paths, wnids = folder_set(name, root)
     if images and paths:
         paths, wnids = map(list, zip(*spread(list(zip(paths, wnids)), images)))
     y, keep = label_space(wnids, model_classes)
     recs: list[dict[str, Any]] = []
-    for start, logits in stream_logits(models, paths, size, crop_pct, batch_size, device=device, desc=name):
+    for start, logits in stream_logits(models, paths, size, crop_pct, batch_size, device=device, desc=name,
+                                       square=name in square):
         for m, z in logits.items():
             pred = z.argmax(1) if keep is None else torch.tensor(keep)[z[:, keep].argmax(1)]
             recs += [{"model": m, "set": name, "index": start + i, "label": int(y[start + i]), "pred": int(p),

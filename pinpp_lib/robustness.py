@@ -40,6 +40,12 @@ class RobustnessConfig(Checked):
     corruptions: tuple[str, ...] = CORRUPTIONS
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)
     imagenet_c: str | None = None         # a downloaded ImageNet-C; None: the kit writes one from the val list
+    # the authors' reading (eval_multi_dataset.py; the paper is silent): ImageNet-C's 224-px images through their test
+    # transform (resize 256 bicubic, crop 224); 1.0 reads them as the crops they are
+    imagenet_c_crop_pct: float = 0.875
+    # sets read with the authors' square Resize((256, 256)) + CenterCrop(224) (their ImageNet-A-Plus); () = the kit's
+    # eval transform for every set
+    square_resize: tuple[str, ...] = ("imagenet_a_plus",)
     imagenet_a_plus: str | None = None
     imagenet_sketch: str | None = None
     stylized_imagenet: str | None = None
@@ -54,7 +60,8 @@ class RobustnessConfig(Checked):
     seed: int = 0
     LIMITS: ClassVar[dict[str, Rule]] = {"corruptions": each(one_of(*CORRUPTIONS)), "severities": each(between(1, 5)),
                                          "mvh_datasets": each(one_of(*MVH_DATASETS)), "batch_size": at_least(1),
-                                         "images": at_least(0),
+                                         "images": at_least(0), "imagenet_c_crop_pct": between(0.5, 1.0),
+                                         "square_resize": each(one_of("imagenet_a_plus", "imagenet_sketch", "stylized_imagenet")),
                                          "seed": at_least(0)}
 
     def path(self, name: str, data_root: str | Path) -> Path:

@@ -229,3 +229,26 @@ def test_standard_autoattack_class_guard_matches_the_library():
         assert set(aa.attacks_to_run) == {"apgd-ce", "apgd-t", "fab-t", "square"}
         assert robust_eval.STANDARD_TARGETS[norm] == {"apgd-t": aa.apgd_targeted.n_target_classes, "fab-t": aa.fab.n_target_classes}
         assert robust_eval.classes_needed(norm) == 10
+
+
+def test_a_plus_square_resize_and_imagenet_c_zoom_are_the_authors_transforms(tmp_path):
+    """eval_multi_dataset.py restated: ImageNet-A-Plus = Resize((256, 256)) + CenterCrop((224, 224)) + ToTensor;
+    every other set, ImageNet-C's 224-px images included = Resize(int(224 / 0.875), bicubic) + CenterCrop(224)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+
+    from pinpp_lib import ood_sets
+    rng = np.random.default_rng(0)
+    for shape, name in (((300, 420, 3), "aplus.png"), ((224, 224, 3), "inc.png")):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(tmp_path / name)
+    aplus = transforms.Compose([transforms.Resize((256, 256)), transforms.CenterCrop((224, 224)), transforms.ToTensor()])
+    test = transforms.Compose([transforms.Resize(int(224 / 0.875), interpolation=transforms.InterpolationMode.BICUBIC),
+                               transforms.CenterCrop(224), transforms.ToTensor()])
+    ours = ood_sets.PathDataset([tmp_path / "aplus.png"], 224, 0.875, square=True)[0]
+    torch.testing.assert_close(ours, aplus(Image.open(tmp_path / "aplus.png").convert("RGB")), rtol=0, atol=1e-6)
+    ours = ood_sets.PathDataset([tmp_path / "inc.png"], 224, 0.875)[0]
+    torch.testing.assert_close(ours, test(Image.open(tmp_path / "inc.png").convert("RGB")), rtol=0, atol=1e-6)
+    from pinpp_lib.robustness import RobustnessConfig
+    assert RobustnessConfig().imagenet_c_crop_pct == 0.875 and RobustnessConfig().square_resize == ("imagenet_a_plus",)
