@@ -304,7 +304,9 @@ def train(name: str, task: str, converted: str | Path, work: str | Path, sc: Seg
         # mmengine's console handler writes the environment, the config and every log line to stdout (thousands of
         # lines in a notebook); it binds to the stdout it finds when the runner is built, so the run's console.log
         # takes them. mmengine's own log file (<out>/<timestamp>/<timestamp>.log) is written as always.
-        with open(out / "console.log", "a") as console, contextlib.redirect_stdout(console):
+        out.mkdir(parents=True, exist_ok=True)  # rank 0 may not have created it yet (torchrun)
+        log = out / ("console.log" if rank == 0 else f"console_rank{rank}.log")
+        with open(log, "a") as console, contextlib.redirect_stdout(console):
             runner = Runner.from_cfg(cfg)
             runner.train()
     result: dict[str, Any] = {}
