@@ -38,6 +38,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=400, help="annotated images in the benchmark set")
     ap.add_argument("--size", type=int, default=400, help="long side of the images (ImageNet ~ 400-500)")
+    ap.add_argument("--workers", type=int, default=0, help="also time a DataLoader with this many workers (img+mask)")
+    ap.add_argument("--json", help="also write the figures to this JSON file (scripts/gpu_check.sh)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # one loader worker's view
     classes = 8
@@ -64,11 +66,23 @@ def main() -> None:
         torch.manual_seed(0)
         t_img = _time(image_only, n)
         t_both = _time(image_and_mask, n)
+        loader_s = None
+        if args.workers:  # the training loader's view: image + mask through the train transform, batched
+            dl = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=args.workers, persistent_workers=False)
+            t0 = time.perf_counter()
+            seen = sum(len(batch[0]) for batch in dl)
+            loader_s = seen / (time.perf_counter() - t0)
+            print(f"DataLoader, {args.workers} workers, image + mask: {loader_s:8.1f} samples/s")
     print(f"images: {n} at up to {args.size}px, train transform 224 (bicubic RRC + flip + jitter), 1 thread")
     print(f"image only      : {1 / t_img:8.1f} samples/s")
     print(f"image + 16b mask: {1 / t_both:8.1f} samples/s")
     print(f"ratio (image+mask time / image time): {t_both / t_img:.3f}   goal <= 1.25")
     print(f"conversion      : {summary['images'] / conv_s:8.1f} images/s (1 worker, decode check on)")
+    if args.json:
+        import json
+        Path(args.json).write_text(json.dumps({"images": n, "size": args.size, "image_only_1thread_s": 1 / t_img,
+                                               "image_mask_1thread_s": 1 / t_both, "mask_cost_ratio": t_both / t_img,
+                                               "loader_workers": args.workers, "loader_img_mask_s": loader_s}, indent=1))
 
 
 if __name__ == "__main__":

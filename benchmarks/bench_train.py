@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--parts", type=int, default=3310)
     ap.add_argument("--aa-images", type=int, default=32)
+    ap.add_argument("--json", help="also write the figures to this JSON file (scripts/gpu_check.sh)")
     args = ap.parse_args()
     dev = torch.device("cuda" if cuda else "cpu")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
@@ -129,6 +130,15 @@ def main() -> None:
     print(f"AutoAttack L-inf 4/255 on {args.aa_images} images (best of 2, ABBA): direct {t_direct:.1f} s "
           f"(robust {acc_direct:.4f}), kit {t_kit:.1f} s (robust {acc_kit:.4f}); identical: {acc_kit == acc_direct}; "
           f"time ratio {t_kit / t_direct:.3f}   goal <= 1.02")
+    if args.json:
+        import json
+        Path(args.json).write_text(json.dumps({
+            "device": torch.cuda.get_device_name() if cuda else "CPU", "arch": args.arch, "size": s, "batch": b,
+            "precision": "bf16 autocast, channels_last" if cuda else "fp32",
+            "vanilla_at_img_s": b / t_van, "mpm_at_img_s": b / t_mpm, "clean_img_s": b / t_clean,
+            "mpm_at_over_vanilla_at": t_mpm / t_van, "pgd2_at_over_clean": t_van / t_clean,
+            "pgd2_at_throughput_vs_clean": t_clean / t_van, "deployable_mpm_over_timm_infer": t_dep / t_ref,
+            "autoattack_kit_over_direct": t_kit / t_direct, "autoattack_identical": acc_kit == acc_direct}, indent=1))
 
 
 if __name__ == "__main__":

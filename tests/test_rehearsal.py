@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -206,3 +207,18 @@ def test_table8_on_a_spread_of_images_cuts_the_trials_only_when_asked():
     assert (t8.set_index("model").loc[list(rb.MODELS), "accuracy_difference"] >= 0).all()
     with pytest.raises(PinppError, match="no model decision"):
         rb.table8(decisions, ("colour",), pd.DataFrame())
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """scripts/gpu_check.sh --cpu (issue 19): every step runs at CPU sizes and one JSON report comes out; the gpu tier
+    is skipped without CUDA, mmdet's step reports why it is skipped or what to run."""
+    out = tmp_path / "out"
+    r = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), str(out), "--cpu"], capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    report = json.loads((out / "gpu_report.json").read_text())
+    steps = {s["step"]: s["rc"] for s in report["steps"]}
+    assert list(steps) == ["gpu_tests", "bench_train", "bench_data", "torchrun", "mmdet"]
+    assert steps["bench_train"] == steps["bench_data"] == steps["torchrun"] == steps["mmdet"] == 0, steps
+    assert steps["gpu_tests"] in (0, 5)  # 5: every test skipped (no CUDA here)
+    assert report["bench_train"]["mpm_at_over_vanilla_at"] > 0 and report["bench_data"]["loader_img_mask_s"] > 0
