@@ -171,10 +171,23 @@ def _tv_resnet50(num_classes: int) -> nn.Module:
     return _with_normalisation(torchvision.models.resnet50(num_classes=num_classes))
 
 
+def _half_normalise_hook(module: nn.Module, args: tuple) -> tuple:
+    return ((args[0] - 0.5) / 0.5,) + tuple(args[1:])
+
+
+def _resnet50_gelu_half(num_classes: int) -> nn.Module:
+    """The GELU ResNet-50 normalising with mean = std = 0.5 (Bai et al. 2021's evaluation, ViTs-vs-CNNs
+    `test_autoattack.py`), not ImageNet's: their weights only work with their normalisation."""
+    net = ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, act_layer="gelu")
+    net.register_forward_pre_hook(_half_normalise_hook)
+    return net
+
+
 # Public ResNet-50s of Table 3's reference rows (`zoo.py`), taking [0, 1] images like the kit's own models.
 PUBLIC = {"tv_resnet50": _tv_resnet50,  # torchvision ResNet-50 (ReLU): RobustBench's ImageNet R50 entries
           "timm_resnet50": lambda n: _with_normalisation(ResNet(Bottleneck, [3, 4, 6, 3], num_classes=n)),  # timm, ReLU
-          "resnet50_gelu": lambda n: resnet_gelu(n)}
+          "resnet50_gelu": lambda n: resnet_gelu(n),
+          "resnet50_gelu_half": _resnet50_gelu_half}
 
 
 def build(variant: str, size: str = "r50", num_classes: int = 1000, seg_classes: int = 3311) -> nn.Module:

@@ -42,6 +42,7 @@ class ZooEntry:
     published_eval: str
     checked: str
     importable: str = "yes"
+    convert: str = ""  # "" or a layout conversion applied after the prefixes are stripped (CONVERSIONS)
 
     @property
     def why_not(self) -> str:
@@ -57,7 +58,7 @@ def entries() -> dict[str, ZooEntry]:
     return {r["name"]: ZooEntry(r["name"], r["model"], r["paper"], r["arch"], r["url"], r["file"], r["sha256"],
                                 tuple(r["container"].split(";")), tuple(p for p in r["strip"].split(";") if p),
                                 r["preprocessing"], num(r["published_clean"]), num(r["published_linf4"]), r["published_eval"],
-                                r["checked"], r["importable"])
+                                r["checked"], r["importable"], r.get("convert") or "")
             for r in rows}
 
 
@@ -125,6 +126,51 @@ def _fetch_gdrive(name: str, gid: str, dest: Path, sha256: str) -> Path:
     return dest
 
 
+def eight_ghost_bn(sd: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Bai et al.'s ResNet-50 (ViTs-vs-CNNs `test_autoattack.py`: `EightBN` of `GhostBN2D_Old` + `Affine`) as plain
+    BatchNorm2d layers, exact at evaluation. Each of their norm layers `P` holds eight ghost BNs `P.bn0..bn7` (no
+    affine; running stats of a 2C-channel proxy BN) and `P.aff.bnconv` (a per-channel 1×1 conv with bias). In eval
+    mode the forward uses `bn0` (their default `bn_type`) with the stats of the first virtual batch (`x[0]` of the
+    stats reshaped to (2, C), `sync_stats` False), then the affine conv; so P = BN(mean = rm[:C], var = rv[:C],
+    weight = bnconv.weight, bias = bnconv.bias), eps 1e-5 as theirs."""
+    prefixes = sorted({k[: -len(".bn0.proxy_bn.running_mean")] for k in sd if k.endswith(".bn0.proxy_bn.running_mean")})
+    if not prefixes:
+        raise PinppError(f"{where}: no ghost batch norm (`*.bn0.proxy_bn.running_mean`) found; is it Bai et al.'s file?")
+    out = {k: v for k, v in sd.items() if not any(k.startswith(p + ".") for p in prefixes)}
+    for p in prefixes:
+        w = sd.get(f"{p}.aff.bnconv.weight")
+        if w is None:
+            raise PinppError(f"{where}: {p}.aff.bnconv.weight missing beside its ghost batch norm")
+        c = w.shape[0]
+        rm, rv = sd[f"{p}.bn0.proxy_bn.running_mean"], sd[f"{p}.bn0.proxy_bn.running_var"]
+        if rm.numel() % c:
+            raise PinppError(f"{where}: {p}: ghost stats of {rm.numel()} values for {c} channels")
+        out.update({f"{p}.running_mean": rm.reshape(-1, c)[0].clone(), f"{p}.running_var": rv.reshape(-1, c)[0].clone(),
+                    f"{p}.weight": w.reshape(c).clone(), f"{p}.bias": sd[f"{p}.aff.bnconv.bias"].reshape(c).clone(),
+                    f"{p}.num_batches_tracked": sd.get(f"{p}.bn0.proxy_bn.num_batches_tracked", torch.tensor(0))})
+    return out
+
+
+def to_eight_ghost_bn(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `eight_ghost_bn` (a stand-in in Bai et al.'s layout): each BatchNorm2d `P` as eight ghost BNs
+    over a 2C-channel proxy (the same stats in both virtual batches) and the affine conv."""
+    prefixes = [k[: -len(".running_mean")] for k in sd if k.endswith(".running_mean")]
+    out = {k: v for k, v in sd.items() if not any(k.startswith(p + ".") for p in prefixes)}
+    for p in prefixes:
+        c = sd[f"{p}.running_mean"].numel()
+        for i in range(8):
+            out[f"{p}.bn{i}.proxy_bn.running_mean"] = sd[f"{p}.running_mean"].repeat(2)
+            out[f"{p}.bn{i}.proxy_bn.running_var"] = sd[f"{p}.running_var"].repeat(2)
+            out[f"{p}.bn{i}.proxy_bn.num_batches_tracked"] = sd[f"{p}.num_batches_tracked"]
+        out[f"{p}.aff.bnconv.weight"] = sd[f"{p}.weight"].reshape(c, 1, 1, 1)
+        out[f"{p}.aff.bnconv.bias"] = sd[f"{p}.bias"]
+    return out
+
+
+CONVERSIONS = {"eight_ghost_bn": eight_ghost_bn}
+PUBLISHED_LAYOUT = {"eight_ghost_bn": to_eight_ghost_bn}  # the inverse of each conversion, for stand-ins
+
+
 def state_dict_from(obj: dict[str, Any], e: ZooEntry, where: str) -> dict[str, torch.Tensor]:
     """The row's state_dict inside a loaded file: the first `container` key present ("" = the file itself),
     its `strip` prefixes removed, a stored normalisation layer checked against ImageNet's and dropped."""
@@ -145,6 +191,8 @@ def state_dict_from(obj: dict[str, Any], e: ZooEntry, where: str) -> dict[str, t
             if k.startswith(p):
                 k = k[len(p):]
         out[k] = v
+    if e.convert:
+        out = CONVERSIONS[e.convert](out, where)
     for suffix, ours in (("mean", imagenet.IMAGENET_MEAN), ("std", imagenet.IMAGENET_STD)):
         for k in [k for k in out if k.split(".")[-1] == suffix and "." in k and out[k].numel() == 3]:
             if not torch.allclose(out[k].flatten().float(), torch.tensor(ours), atol=1e-4):
@@ -195,7 +243,10 @@ def write_standin(name: str, path: str | Path, seed: int = 0) -> Path:
         return path
     torch.manual_seed(seed)
     prefix = "".join(e.strip)
-    sd = {prefix + k: v for k, v in models.build(e.arch, "r50", 1000).state_dict().items()}
+    sd = models.build(e.arch, "r50", 1000).state_dict()
+    if e.convert:
+        sd = PUBLISHED_LAYOUT[e.convert](sd)
+    sd = {prefix + k: v for k, v in sd.items()}
     if "1." in e.strip:
         norm = prefix[: -len("1.")] + "0."
         sd.update({norm + "mean": torch.tensor(imagenet.IMAGENET_MEAN), norm + "std": torch.tensor(imagenet.IMAGENET_STD)})

@@ -175,8 +175,8 @@ def test_rehearsal_runs_every_notebook(tmp_path):
         print("rehearsal runtime (s):", json.dumps(times))
         t3 = (results / "table3_mpm_autoattack.csv").read_text()
         assert "vanilla AT" in t3 and "MPM AT" in t3 and "L1-75" in t3 and "Linf-8/255" in t3
-        # every released model the kit can import (the authors' two, six of the zoo's seven) from its stand-in file
-        assert t3.count("measured (released weights)") == 8 and "weights not present" not in t3
+        # every released model (the authors' two, the zoo's seven) imported from its stand-in file and measured
+        assert t3.count("measured (released weights)") == 9 and "weights not present" not in t3
         meta = json.loads((results / "run_meta" / "05_mpm_adversarial_training.json").read_text())
         assert meta["profile"] == "rehearsal"
         done = json.loads((data / "runs" / "mpm" / "at_mpm" / "done.json").read_text())

@@ -48,7 +48,7 @@ def _published_layout(e: zoo.ZooEntry, sd: dict) -> dict:
     return {key: laid, "epoch": 90, "args": argparse.Namespace(model="resnet50", lr=0.1)}
 
 
-@pytest.mark.parametrize("name", [n for n, e in zoo.entries().items() if not e.why_not])
+@pytest.mark.parametrize("name", [n for n, e in zoo.entries().items() if not e.why_not and not e.convert])
 def test_each_zoo_entry_imports_from_its_published_layout(name, tmp_path):
     e = zoo.entry(name)
     ref = _randomised(e.arch, seed=len(name))
@@ -110,15 +110,83 @@ def test_offline_sources_say_where_to_get_the_file(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and want in err, err
     assert cli.main(["zoo", "list"]) == 0
     out = capsys.readouterr().out
-    assert all(n in out for n in zoo.entries()) and "64.02 / 34.96" in out and "not importable" in out
+    assert all(n in out for n in zoo.entries()) and "64.02 / 34.96" in out
 
 
-def test_a_row_the_kit_cannot_import_is_refused_in_one_line(tmp_path):
-    """Bai et al.'s R50-GELU (ytongbai/ViTs-vs-CNNs): ghost batch norms and mean/std 0.5 — no converter, so refused
-    before the file is read, with the reason; the fetch path still serves the file."""
-    e = zoo.entry("bai2021_r50_gelu")
-    assert e.url.startswith("gdrive:") and "ghost batch norm" in e.why_not
+class _GhostBN(torch.nn.Module):
+    """Bai et al.'s GhostBN2D_Old (ViTs-vs-CNNs autoattack/ghost_bn_old.py), restated for evaluation: no affine, a
+    proxy BN over ratio × C channels whose stats, reshaped to (ratio, C), give x[0] at eval (sync_stats False)."""
+
+    def __init__(self, c, ratio=2):
+        super().__init__()
+        self.c, self.ratio = c, ratio
+        self.proxy_bn = torch.nn.Module()  # their nn.BatchNorm2d(ratio × C) with weight and bias deleted: its stats only
+        self.proxy_bn.register_buffer("running_mean", torch.zeros(c * ratio))
+        self.proxy_bn.register_buffer("running_var", torch.ones(c * ratio))
+        self.proxy_bn.register_buffer("num_batches_tracked", torch.tensor(0))
+
+    def forward(self, x):
+        rm = self.proxy_bn.running_mean.reshape(self.ratio, self.c)[0]
+        rv = self.proxy_bn.running_var.reshape(self.ratio, self.c)[0]
+        return torch.nn.functional.batch_norm(x, rm, rv, None, None, False, 0.0, 1e-5)
+
+
+class _EightBN(torch.nn.Module):
+    """Their EightBN: bn0..bn7 (bn_type 'bn0' by default), then Affine (a depthwise 1×1 conv with bias)."""
+
+    def __init__(self, c):
+        super().__init__()
+        for i in range(8):
+            setattr(self, f"bn{i}", _GhostBN(c))
+        self.aff = torch.nn.Module()
+        self.aff.bnconv = torch.nn.Conv2d(c, c, 1, groups=c, bias=True)
+
+    def forward(self, x):
+        return self.aff.bnconv(self.bn0(x))
+
+
+def _bai_resnet50():
+    """Their resnet_gbn_gelu_4096 ResNet-50 (torchvision's structure, GELU, EightBN as every norm layer)."""
+    m = torchvision.models.resnet50(num_classes=1000, norm_layer=_EightBN)
+    m.relu = torch.nn.GELU()
+    for mod in m.modules():
+        if isinstance(mod, torchvision.models.resnet.Bottleneck):
+            mod.relu = torch.nn.GELU()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, t in m.state_dict().items():
+            if t.dtype.is_floating_point:
+                t.copy_(torch.rand(t.shape, generator=g) * 0.5 + 0.75 if name.endswith("running_var")
+                        else torch.randn(t.shape, generator=g) * (0.02 if t.dim() > 1 else 0.1) + (1.0 if "bnconv.weight" in name else 0.0))
+    return m.eval()
+
+
+def test_bai_ghost_bn_layout_imports_with_their_logits(tmp_path):
+    """Bai et al.'s R50-GELU file ({'model': state_dict}, eight ghost BNs + affine conv per norm layer, evaluated on
+    (x − 0.5) / 0.5): imported into a plain GELU ResNet-50 that normalises inside, same logits."""
+    theirs = _bai_resnet50()
+    src = tmp_path / "res50_gelu.pth"
+    torch.save({"model": theirs.state_dict(), "epoch": 99}, src)
+    zoo.import_zoo("bai2021_r50_gelu", src, tmp_path / "run")
+    model, meta = load_trained(tmp_path / "run")
+    assert meta["variant"] == "resnet50_gelu_half"
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), theirs((x - 0.5) / 0.5), rtol=1e-4, atol=1e-4)
+    # the stand-in the rehearsal writes is in the same layout
+    zoo.write_standin("bai2021_r50_gelu", tmp_path / "standin.pth")
+    theirs.load_state_dict(released_sd(tmp_path / "standin.pth"), strict=True)
+
+
+def released_sd(path):
+    from pinpp_lib.released import read_checkpoint
+    return {k.removeprefix("module."): v for k, v in read_checkpoint(path)["model"].items()}
+
+
+def test_a_row_marked_not_importable_is_refused_in_one_line(tmp_path, monkeypatch):
+    e = dataclasses.replace(zoo.entry("salman2020_r50"), importable="no: a layout the kit has no converter for")
+    monkeypatch.setattr(zoo, "entries", lambda: {e.name: e})
     (tmp_path / "w.pth").write_bytes(b"anything")
-    with pytest.raises(PinppError, match=r"^bai2021_r50_gelu: the kit cannot import its weights \(its ResNet-50 has eight ghost"):
-        zoo.import_zoo("bai2021_r50_gelu", tmp_path / "w.pth", tmp_path / "run")
+    with pytest.raises(PinppError, match=r"^salman2020_r50: the kit cannot import its weights \(a layout the kit has no"):
+        zoo.import_zoo(e.name, tmp_path / "w.pth", tmp_path / "run")
     assert not (tmp_path / "run").exists()
