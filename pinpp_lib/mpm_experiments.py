@@ -236,24 +236,24 @@ def _acc(records: pd.DataFrame, run: str, threat: str, col: str = "robust",
     return reporting.accuracy(r[col])
 
 
+def threat_row(r: pd.DataFrame, threats: tuple[str, ...], model: str, source: str) -> dict[str, Any]:
+    """One Table 3 row from one model's per-image records `r` (one protocol): clean accuracy, robust accuracy with its
+    95% Wilson interval per threat, their mean, the evaluation label. Shared by the kit's runs and released models."""
+    row: dict[str, Any] = {"model": model, "clean": reporting.accuracy(r[r.threat == threats[0]]["clean"]).value}
+    for t in threats:
+        a = reporting.accuracy(r[r.threat == t]["robust"])
+        row[t], row[f"{t} 95% CI"] = a.value, a.ci
+    row["robust avg"] = float(np.mean([row[t] for t in threats]))
+    row["evaluation"] = reporting.evaluation_label(r)
+    row["source"] = source
+    return row
+
+
 def table3(records: pd.DataFrame, threats: tuple[str, ...]) -> pd.DataFrame:
     """Clean and robust accuracy (%, 95% Wilson interval) of vanilla vs MPM, both AT (and the clean run)."""
-    rows = []
-    for run, label in zip(TABLE3_RUNS, ("vanilla AT", "MPM AT")):
-        if run not in set(records.run):
-            continue
-        row: dict[str, Any] = {"model": label, "clean": _acc(records, run, threats[0], "clean", "table3").value}
-        robust = []
-        for t in threats:
-            a = _acc(records, run, t, protocol="table3")
-            row[t] = a.value
-            row[f"{t} 95% CI"] = a.ci
-            robust.append(a.value)
-        row["robust avg"] = float(np.mean(robust))
-        row["evaluation"] = _evaluation(records, run, "table3")
-        row["source"] = "trained by the kit (this run)"
-        rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame([threat_row(records[(records.run == run) & (records.protocol == "table3")], threats, label,
+                                    "trained by the kit (this run)")
+                         for run, label in zip(TABLE3_RUNS, ("vanilla AT", "MPM AT")) if run in set(records.run)])
 
 
 @functools.lru_cache(maxsize=None)

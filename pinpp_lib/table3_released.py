@@ -25,9 +25,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import jobs, reporting, robust_eval, tables, zoo
+from . import jobs, robust_eval, tables, zoo
 from .fileio import PinppError
 from .datasets import list_image_folder
+from .mpm_experiments import threat_row
 from .robust_eval import EvalConfig
 
 if TYPE_CHECKING:
@@ -135,14 +136,7 @@ def rows(records: pd.DataFrame, threats: tuple[str, ...], present: dict[str, Pat
     for m in catalogue():
         if present is not None and m.name in present and m.name in set(records.run):
             r = records[(records.run == m.name) & (records.protocol == PROTOCOL)]
-            row: dict[str, Any] = {"model": m.model, "clean": reporting.accuracy(r[r.threat == threats[0]]["clean"]).value}
-            for t in threats:
-                a = reporting.accuracy(r[r.threat == t]["robust"])
-                row[t], row[f"{t} 95% CI"] = a.value, a.ci
-            row["robust avg"] = float(np.mean([row[t] for t in threats]))
-            row["evaluation"] = reporting.evaluation_label(r)
-            row["source"] = "measured (released weights)"
-            out.append(row)
+            out.append(threat_row(r, threats, m.model, "measured (released weights)"))
         if m.kind == "zoo":
             e = zoo.entry(m.name)
             if m.model in published.index:  # the paper's reference numbers
