@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import warnings
 import io
 import re
 from pathlib import Path
@@ -104,10 +105,18 @@ def _select(y: torch.Tensor, model_classes: list[str], wnids: list[str], where: 
     return [col[w] for w in wnids], torch.isin(y, listed).nonzero().squeeze(1)
 
 
+def _none_evaluated(n: int, where: str) -> list[dict[str, Any]]:
+    warnings.warn(f"{where}: none of the {n} evaluation images is of a listed class; its table rows stay empty (n = 0)",
+                  stacklevel=3)
+    return []
+
+
 def evaluate_subset(model: nn.Module, x: torch.Tensor, y: torch.Tensor, model_classes: list[str], subset: list[str],
                     cfg: EvalConfig, work_dir: str | Path, device: str | torch.device = "cpu") -> list[dict[str, Any]]:
     """Table 4 records: images of the subset's classes, logits masked to the subset."""
     keep, idx = _select(y, model_classes, subset, "class subset")
+    if not len(idx):
+        return _none_evaluated(len(y), "class subset")
     pos = {j: k for k, j in enumerate(keep)}
     ys = torch.tensor([pos[int(v)] for v in y[idx]])
     recs = robust_eval.evaluate_or_skip(SubsetLogits(model, keep), x[idx], ys, len(keep), cfg,
@@ -121,6 +130,8 @@ def evaluate_supercategories(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     """Table 5 records: images of the listed classes, decisions over super-categories."""
     wnids = sorted(supercats)
     cols, idx = _select(y, model_classes, wnids, "super-category file")
+    if not len(idx):
+        return _none_evaluated(len(y), "super-category file")
     names = sorted(set(supercats.values()))
     groups = [[c for w, c in zip(wnids, cols) if supercats[w] == s] for s in names]
     group_of = {c: names.index(supercats[w]) for w, c in zip(wnids, cols)}

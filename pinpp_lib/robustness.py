@@ -104,7 +104,11 @@ def accuracy_table(records: pd.DataFrame, threat: str) -> pd.DataFrame:
     """Clean and robust accuracy (%) with 95% Wilson intervals per model."""
     rows = []
     for label in MODELS:
-        r = records[(records.model == label) & (records.threat == threat)]
+        r = records[(records.model == label) & (records.threat == threat)] if len(records) else records
+        if r.empty:  # no evaluation image of the listed classes (pin_subsets warns)
+            rows.append({"model": label, "clean": np.nan, "n": 0, "classes": np.nan, threat: np.nan, "95% CI": "",
+                         "evaluation": "no image of these classes"})
+            continue
         rob = reporting.accuracy(r["robust"])
         rows.append({"model": label, "clean": reporting.accuracy(r["clean"]).value, "n": len(r),
                      "classes": int(r["classes"].iloc[0]), threat: rob.value, "95% CI": rob.ci,

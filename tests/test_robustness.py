@@ -193,6 +193,13 @@ def test_subset_and_supercategory_records(tmp_path):
     weak = PS.evaluate_subset(FixedLogits([0.0, 0.0, 0.0, 9.0]), x, y, classes, ["n00000002", "n00000003"],
                               EvalConfig(threats=("Linf-4/255",), mode="pgd"), tmp_path / "w")
     assert all(r["robust"] is None and "not attacked" in r["note"] for r in weak)  # below the clean floor
+    y0 = torch.tensor([0, 0, 1, 1, 0, 1])  # no image of the listed classes: warned, no records, an n = 0 row
+    with pytest.warns(UserWarning, match="none of the 6 evaluation images"):
+        assert PS.evaluate_subset(model, x, y0, classes, ["n00000003"], cfg, tmp_path / "e") == []
+    with pytest.warns(UserWarning, match="super-category file: none"):
+        assert PS.evaluate_supercategories(model, x, y0, classes, {"n00000004": "A"}, cfg, tmp_path / "e") == []
+    t = RB.accuracy_table(pd.DataFrame([]), "Linf-4/255")
+    assert list(t["n"]) == [0] * len(RB.MODELS) and t["clean"].isna().all()
 
 
 def test_config_paths_default_under_the_data_root(tmp_path):
@@ -212,9 +219,20 @@ def test_capped_standins_list_every_pin_class_of_the_val_list(converted, synth, 
                      synth / "class_supercategories.json", tmp_path, ("colour",), seed=0, images=2)
     sc = json.loads((synth / "class_supercategories.json").read_text())
     val_classes = {rel.split("/")[0] for rel, _ in val_dataset(converted).samples}
-    want = sorted(w for w in val_classes if sc.get(w) in S.PIN_SUPERCATEGORIES)
+    want = sorted(w for w in val_classes if sc.get(w) in S.PIN_SUPERCATEGORIES or sc.get(w) == "generic")
     assert len(want) > 2 and PS.read_subset(tmp_path / "pin_subsets" / "pin125.txt") == want
     assert len({p.parent.name for p in (tmp_path / "imagenet_sketch" / "sketch").rglob("*.JPEG")}) <= 2
+
+
+def test_stand_in_pin_lists_give_generic_classes_pin_supercategories_in_turn():
+    """Curated classes keep their own PIN super-category, other curated ones stay out, generated classes cycle
+    through PIN's 11 (so a spread of a 1000-class val list always meets Tables 4/5's classes)."""
+    sc = {"n1": "fish", "n2": "single", "n3": "generic", "n4": "generic", **{f"n9{i:02d}": "generic" for i in range(11)}}
+    got = S.pin_stand_in_supercategories(sc, sorted(sc))
+    assert got["n1"] == "Fish" and "n2" not in got and got["n3"] == "Quadruped" and got["n4"] == "Biped"
+    assert [got[f"n9{i:02d}"] for i in range(11)] == list(S.PIN_SUPERCATEGORIES.values())[2:] + ["Quadruped", "Biped"]
+    from pinpp_lib import store
+    assert store.tensor_digest(torch.zeros(0, 3, 4, 4)) != store.tensor_digest(torch.zeros(0, 3, 4, 5))
 
 
 def test_standard_autoattack_class_guard_matches_the_library():
