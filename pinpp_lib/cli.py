@@ -182,11 +182,18 @@ def _cmd_imagenet_c(a: argparse.Namespace) -> int:
     from . import mpm_experiments as mx
     from .config import resolve
     s = resolve(a.profile, data_root=a.data_root, seed=a.seed)
-    rc, conv = s.robustness, s.paths.converted
-    x, _ = mx.evaluation_set(conv, s.mpm)
+    rc, conv, t = s.robustness, s.paths.converted, s.mpm.at.transform
     out = a.out or rc.path("imagenet_c", s.paths.data_root)
-    corruptions.write_imagenet_c(out, x, mx.evaluation_paths(conv, s.mpm), rc.seed, tuple(a.corruption or rc.corruptions), rc.severities)
-    print(f"ImageNet-C ({len(x)} images × {len(a.corruption or rc.corruptions)} corruptions × {len(rc.severities)} severities): {out}")
+    names = tuple(a.corruption or rc.corruptions)
+    if (a.images or rc.imagenet_c_images) == "val":  # App. D: the whole val set, read from its class folders
+        rels, _ = corruptions.val_images(s.paths.imagenet_val, None, rc.images)
+        corruptions.write_imagenet_c_from_files(out, s.paths.imagenet_val, rels, t.size, t.crop_pct, rc.seed, names,
+                                                rc.severities)
+    else:
+        x, _ = mx.evaluation_set(conv, s.mpm)
+        rels = mx.evaluation_paths(conv, s.mpm)
+        corruptions.write_imagenet_c(out, x, rels, rc.seed, names, rc.severities)
+    print(f"ImageNet-C ({len(rels)} images × {len(names)} corruptions × {len(rc.severities)} severities): {out}")
     return 0
 
 
@@ -298,12 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mode", choices=("autoattack", "pgd"), default="autoattack")
     ev.set_defaults(fn=_cmd_eval_aa)
 
-    ic = sub.add_parser("imagenet-c", help="write ImageNet-C (15 corruptions × 5 severities) for the evaluation list")
+    ic = sub.add_parser("imagenet-c", help="write ImageNet-C (15 corruptions × 5 severities) for the val set (App. D) "
+                        "or the evaluation list")
     ic.add_argument("--profile", default="smoke", choices=PROFILES)
     ic.add_argument("--data-root")
     ic.add_argument("--seed", type=int)
     ic.add_argument("--out", help="target folder (default: <data root>/imagenet_c, where notebook 06 reads it)")
     ic.add_argument("--corruption", action="append", help="only these corruptions (repeatable; one per job to parallelise)")
+    ic.add_argument("--images", choices=("val", "eval_list"),
+                    help="the whole val set in class folders (App. D) or the evaluation list (default: the profile's "
+                    "robustness.imagenet_c_images)")
     ic.set_defaults(fn=_cmd_imagenet_c)
 
     for name, fn, text in (("seg-train", _cmd_seg_train, "train one segmentation-benchmark model (mmdet; also under torchrun)"),

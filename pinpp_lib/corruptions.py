@@ -1,11 +1,13 @@
-"""ImageNet-C (paper App. D, Table A1): 15 corruptions × 5 severities on the evaluation list.
+"""ImageNet-C (paper App. D, Table A1): 15 corruptions × 5 severities on the IN-1K val set.
 
 As in Hendrycks & Dietterich, corruptions are applied to the evaluation crops (resize 256 → centre
 crop 224 in full), with the `imagecorruptions` implementation (PyPI `imagecorruptions-imaug`, the
 numpy-2-safe fork). The library draws from numpy's global RNG, so each (image, corruption,
 severity) is seeded from a stable hash: the same seed gives the same corrupted set on any run.
 Evaluation always reads an ImageNet-C folder (`<root>/<corruption>/<severity>/<wnid>/<file>`): a
-downloaded copy, or one `write_imagenet_c` makes from the evaluation list (cached on disk).
+downloaded copy, or one the kit writes (cached on disk) — over the whole IN-1K val set as App. D
+(`write_imagenet_c_from_files`, `val_images`; the full profile) or over the evaluation list's crops
+(`write_imagenet_c`; `RobustnessConfig.imagenet_c_images = "eval_list"`, smoke).
 Records are per image; accuracy per corruption is the mean over severities.
 """
 from __future__ import annotations
@@ -91,23 +93,81 @@ def write_imagenet_c(root: str | Path, x: torch.Tensor, rel_paths: list[str], se
     and seed (`store`), so an interrupted run resumes where it stopped and a changed input is rewritten.
     Evaluation then reads the folder — the same code path as a downloaded ImageNet-C.
     """
-    from PIL import Image
     root = Path(root)
     inputs = {"images": store.tensor_digest(x), "names": store.names_digest(rel_paths)}
     for c in tqdm(corruptions, desc="writing ImageNet-C", leave=False):
         for s in severities:
-            folder = root / c / str(s)
-            settings = {"corruption": c, "severity": s, "seed": seed, "jpeg_quality": JPEG_QUALITY}
-            if c in OWN_RNG:
-                settings["seed_passed"] = True  # sets written before the seed reached the library are rewritten
-            ident = store.Identity("imagenet-c", settings, inputs)
-            if store.finished(folder, ident, ".done") is not None:  # same crops, names, seed: reuse
-                continue
-            out = corrupt_batch(x, c, s, seed)
-            for img, rel in zip((out * 255).round().byte().permute(0, 2, 3, 1).numpy(), rel_paths):
-                fileio.atomic_save_image(Image.fromarray(img), folder / rel, quality=JPEG_QUALITY)
-            store.finish(folder, ident, [], {"images": len(rel_paths)}, ".done")
+            folder, ident = root / c / str(s), _identity(c, s, seed, inputs)
+            if store.finished(folder, ident, ".done") is None:  # same crops, names, seed: reuse
+                _write(folder, x, rel_paths, c, s, seed, 0)
+                store.finish(folder, ident, [], {"images": len(rel_paths)}, ".done")
     return root
+
+
+def write_imagenet_c_from_files(root: str | Path, src_root: str | Path, rel_paths: list[str], size: int,
+                                crop_pct: float = 0.875, seed: int = 0, corruptions: tuple[str, ...] = CORRUPTIONS,
+                                severities: tuple[int, ...] = (1, 2, 3, 4, 5), chunk: int = 1000) -> Path:
+    """ImageNet-C of images read from `src_root/<wnid>/<file>` (App. D: the whole IN-1K val set, too many to hold in
+    memory): `chunk` images at a time are cropped as the evaluation list is (resize, centre crop) and corrupted under
+    every (corruption, severity); each chunk's record (`.done-<start>`, identity: the sources' names, sizes and
+    mtimes, the seed) makes an interrupted run resume chunk by chunk. Image i is seeded by its position in the list,
+    as in `write_imagenet_c`."""
+    from .ood_sets import PathDataset
+    root, src_root = Path(root), Path(src_root)
+    for start in tqdm(range(0, len(rel_paths), chunk), desc="writing ImageNet-C (chunks)", leave=False):
+        rels = rel_paths[start:start + chunk]
+        inputs = {"names": store.names_digest(rels), "sources": store.tree_digest([src_root / r for r in rels], src_root),
+                  "size": size, "crop_pct": crop_pct}
+        todo = [(c, s) for c in corruptions for s in severities
+                if store.finished(root / c / str(s), _identity(c, s, seed, inputs), f".done-{start:08d}") is None]
+        if not todo:
+            continue
+        ds = PathDataset([src_root / r for r in rels], size, crop_pct)
+        x = torch.stack([ds[i] for i in range(len(ds))])
+        for c, s in todo:
+            _write(root / c / str(s), x, rels, c, s, seed, start)
+            store.finish(root / c / str(s), _identity(c, s, seed, inputs), [], {"images": len(rels)}, f".done-{start:08d}")
+    return root
+
+
+def _identity(corruption: str, severity: int, seed: int, inputs: dict[str, Any]) -> store.Identity:
+    settings = {"corruption": corruption, "severity": severity, "seed": seed, "jpeg_quality": JPEG_QUALITY}
+    if corruption in OWN_RNG:
+        settings["seed_passed"] = True  # sets written before the seed reached the library are rewritten
+    return store.Identity("imagenet-c", settings, inputs)
+
+
+def _write(folder: Path, x: torch.Tensor, rel_paths: list[str], corruption: str, severity: int, seed: int,
+           start: int) -> None:
+    from PIL import Image
+    out = corrupt_batch(x, corruption, severity, seed, start)
+    for img, rel in zip((out * 255).round().byte().permute(0, 2, 3, 1).numpy(), rel_paths):
+        fileio.atomic_save_image(Image.fromarray(img), folder / rel, quality=JPEG_QUALITY)
+
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+def val_images(folder: str | Path, classes: list[str] | None = None, cap: int = 0) -> tuple[list[str], torch.Tensor]:
+    """App. D's ImageNet-C images — the whole IN-1K val set — as sorted '<wnid>/<file>' entries of `folder` (the val
+    images in class folders, or one (corruption, severity) folder of a downloaded ImageNet-C, whose files are the
+    val set), with each image's class index in `classes` (None: the folder's own sorted classes). `cap`
+    (rehearsal): a spread of that many."""
+    from .ood_sets import spread
+    folder = Path(folder)
+    wnids = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name.startswith("n")) if folder.is_dir() else []
+    if not wnids:
+        raise PinppError(f"{folder}: no <wnid>/ class folders; ImageNet-C over the whole val set (paper App. D) is read "
+                         "from the val images in class folders (ILSVRC's valprep.sh) or a downloaded ImageNet-C "
+                         "(robustness.imagenet_c) — or set robustness.imagenet_c_images=eval_list for the evaluation list")
+    col = {w: i for i, w in enumerate(wnids if classes is None else classes)}
+    unknown = [w for w in wnids if w not in col]
+    if unknown:
+        raise PinppError(f"{folder / unknown[0]}: {len(unknown)} class folder(s) are not classes of the models; "
+                         "point robustness.imagenet_c (or the val folder) at ImageNet-1K's val set")
+    rels = spread(sorted(f"{w}/{p.name}" for w in wnids for p in (folder / w).iterdir()
+                         if p.suffix.lower() in IMAGE_SUFFIXES), cap)
+    return rels, torch.tensor([col[r.split("/")[0]] for r in rels])
 
 
 def evaluate(models: dict[str, nn.Module], root: str | Path, rel_paths: list[str], y: torch.Tensor, size: int,
@@ -139,6 +199,20 @@ def clean_records(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor
         pred = predict(m.to(device).eval(), x.to(device), batch_size).cpu()
         records += [{"model": name, "index": i, "label": int(y[i]), "corruption": "none", "family": "clean", "severity": 0,
                      "correct": bool(pred[i] == y[i])} for i in range(len(y))]
+    return records
+
+
+def clean_records_files(models: dict[str, nn.Module], paths: list[Path], y: torch.Tensor, size: int,
+                        crop_pct: float = 0.875, batch_size: int = 250, device: str | torch.device = "cpu"
+                        ) -> list[dict[str, Any]]:
+    """`clean_records` for images read from files (the whole val set), with the evaluation crop."""
+    from .ood_sets import stream_logits
+    records: list[dict[str, Any]] = []
+    for start, logits in stream_logits(models, paths, size, crop_pct, batch_size, device=device, desc="clean"):
+        for name, z in logits.items():
+            records += [{"model": name, "index": start + i, "label": int(y[start + i]), "corruption": "none",
+                         "family": "clean", "severity": 0, "correct": bool(p == y[start + i])}
+                        for i, p in enumerate(z.argmax(1))]
     return records
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch.nn as nn
 
-from . import fileio, human_consistency, plots, reporting
+from . import corruptions, fileio, human_consistency, plots, reporting
 from .checks import Checked, Rule, at_least, between, each, one_of
 from . import mpm_experiments as mx
 from .corruptions import CORRUPTIONS
@@ -43,6 +43,8 @@ class RobustnessConfig(Checked):
     # the authors' reading (eval_multi_dataset.py; the paper is silent): ImageNet-C's 224-px images through their test
     # transform (resize 256 bicubic, crop 224); 1.0 reads them as the crops they are
     imagenet_c_crop_pct: float = 0.875
+    # App. D: ImageNet-C over the whole IN-1K val set ("val"); "eval_list": the evaluation list's images (10 per class)
+    imagenet_c_images: str = "val"
     # sets read with the authors' square Resize((256, 256)) + CenterCrop(224) (their ImageNet-A-Plus); () = the kit's
     # eval transform for every set
     square_resize: tuple[str, ...] = ("imagenet_a_plus",)
@@ -61,6 +63,7 @@ class RobustnessConfig(Checked):
     LIMITS: ClassVar[dict[str, Rule]] = {"corruptions": each(one_of(*CORRUPTIONS)), "severities": each(between(1, 5)),
                                          "mvh_datasets": each(one_of(*MVH_DATASETS)), "batch_size": at_least(1),
                                          "images": at_least(0), "imagenet_c_crop_pct": between(0.5, 1.0),
+                                         "imagenet_c_images": one_of("val", "eval_list"),
                                          "square_resize": each(one_of("imagenet_a_plus", "imagenet_sketch", "stylized_imagenet")),
                                          "seed": at_least(0)}
 
@@ -72,6 +75,35 @@ class RobustnessConfig(Checked):
         defaults = {"imagenet_c": Path("imagenet_c"), "pin_subset": Path("ood/pin_subsets/pin125.txt"),
                     "pin_supercategories": Path("ood/pin_subsets/pin_supercategories.csv")}
         return Path(data_root) / defaults.get(name, Path("ood") / name)
+
+
+def imagenet_c_set(cfg: RobustnessConfig, data_root: str | Path, imagenet_val: str | Path, classes: list[str],
+                   x: Any, rel_paths: list[str], y: Any, size: int, crop_pct: float) -> tuple[Path, list[str], Any]:
+    """Table A1's ImageNet-C: (its root, the '<wnid>/<file>' entries read, their labels). `imagenet_c_images`:
+    "val" — the whole IN-1K val set (App. D), listed from a downloaded copy or from the val folder, which the kit
+    then corrupts chunk by chunk; "eval_list" — the evaluation list, written from its crops `x`. Nothing is
+    rewritten while its inputs are unchanged."""
+    root = cfg.path("imagenet_c", data_root)
+    if cfg.imagenet_c_images == "eval_list":
+        if not cfg.imagenet_c:
+            corruptions.write_imagenet_c(root, x, rel_paths, cfg.seed, cfg.corruptions, cfg.severities)
+        return root, rel_paths, y
+    listing = root / cfg.corruptions[0] / str(cfg.severities[0]) if cfg.imagenet_c else Path(imagenet_val)
+    rels, labels = corruptions.val_images(listing, classes, cfg.images)
+    if not cfg.imagenet_c:
+        corruptions.write_imagenet_c_from_files(root, imagenet_val, rels, size, crop_pct, cfg.seed, cfg.corruptions,
+                                                cfg.severities)
+    return root, rels, labels
+
+
+def imagenet_c_clean(cfg: RobustnessConfig, models: dict[str, nn.Module], imagenet_val: str | Path, rels: list[str],
+                     labels: Any, x: Any, y: Any, size: int, crop_pct: float, device: str) -> list[dict[str, Any]]:
+    """Severity 0 (clean) records on ImageNet-C's images: the val files themselves where they are in class folders,
+    else (a downloaded ImageNet-C beside a flat val folder) the evaluation list."""
+    files = [Path(imagenet_val) / r for r in rels]
+    if cfg.imagenet_c_images == "val" and all(f.exists() for f in files):
+        return corruptions.clean_records_files(models, files, labels, size, crop_pct, cfg.batch_size, device)
+    return corruptions.clean_records(models, x, y, cfg.batch_size, device)
 
 
 def plan_models(e: mx.ExperimentConfig) -> dict[str, TrainConfig]:

@@ -67,6 +67,49 @@ def test_imagenet_c_written_then_read_like_a_download(tmp_path):
         C.evaluate(models, root, rel, y, 32, ("fog",), (1,))
 
 
+def test_imagenet_c_over_the_whole_val_set(tmp_path):
+    """App. D: every image of the val folder (class folders), written chunk by chunk with each image seeded by its
+    list position — the same files as writing the same crops at once — resumed per chunk, listed back from the
+    written copy as from a download; a flat folder or an unknown class is one line."""
+    from PIL import Image
+
+    from pinpp_lib.ood_sets import PathDataset
+    val = tmp_path / "val"
+    rng = np.random.default_rng(0)
+    for w in ("n00000002", "n00000001"):
+        for k in range(3):
+            (val / w).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(val / w / f"ILSVRC_{w}_{k}.JPEG")
+    (val / "n00000001" / "notes.txt").write_text("not an image")
+    classes = ["n00000000", "n00000001", "n00000002"]
+    rels, y = C.val_images(val, classes)
+    assert rels == sorted(rels) and len(rels) == 6 and y.tolist() == [1, 1, 1, 2, 2, 2]
+    kw = dict(crop_pct=0.875, seed=3, corruptions=("gaussian_noise",), severities=(2,))
+    root = C.write_imagenet_c_from_files(tmp_path / "c", val, rels, 32, chunk=4, **kw)
+    folder = root / "gaussian_noise" / "2"
+    assert sorted(p.name for p in folder.glob(".done-*")) == [".done-00000000", ".done-00000004"]
+    ds = PathDataset([val / r for r in rels], 32, 0.875)
+    once = C.write_imagenet_c(tmp_path / "once", torch.stack([ds[i] for i in range(6)]), rels, seed=3,
+                              corruptions=("gaussian_noise",), severities=(2,))
+    assert all((folder / r).read_bytes() == (once / "gaussian_noise" / "2" / r).read_bytes() for r in rels)
+    (folder / ".done-00000004").unlink()
+    before = (folder / rels[0]).stat().st_mtime_ns
+    C.write_imagenet_c_from_files(root, val, rels, 32, chunk=4, **kw)  # only the unfinished chunk is rewritten
+    assert (folder / rels[0]).stat().st_mtime_ns == before and (folder / ".done-00000004").exists()
+    listed, ly = C.val_images(folder, classes)  # a written (or downloaded) copy lists the same images
+    assert listed == rels and ly.tolist() == y.tolist()
+    assert C.val_images(val, classes, cap=3)[0] == rels[::2]
+    with pytest.raises(PinppError, match="no <wnid>/ class folders.*imagenet_c_images=eval_list"):
+        C.val_images(tmp_path / "c")
+    with pytest.raises(PinppError, match="n00000002: 1 class folder"):
+        C.val_images(val, classes[:2])
+    cfg = RB.RobustnessConfig(corruptions=("gaussian_noise",), severities=(2,), seed=3)
+    got_root, got_rels, got_y = RB.imagenet_c_set(cfg, tmp_path, val, classes, None, [], None, 32, 0.875)
+    assert got_root == tmp_path / "imagenet_c" and got_rels == rels and got_y.tolist() == y.tolist()
+    assert (tmp_path / "imagenet_c" / "gaussian_noise" / "2" / rels[5]).read_bytes() == (folder / rels[5]).read_bytes()
+    assert RB.RobustnessConfig().imagenet_c_images == "val"
+
+
 def test_folder_set_layouts_and_missing_set(tmp_path):
     with pytest.raises(PinppError, match=r"ImageNet-Sketch not found; expected <root>/sketch/<wnid>/<image> — get it from"):
         O.folder_set("imagenet_sketch", tmp_path / "nowhere")
