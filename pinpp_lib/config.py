@@ -77,7 +77,7 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         # six of the 17 model-vs-human sets (one per kind: colour, parametric, noise, sketch, style, edges),
         # and PGD-20 for Tables 4/5 (the smoke subsets have < 10 classes, too few for standard AutoAttack).
         "robustness": {"standins": True, "mvh_datasets": ("colour", "contrast", "uniform-noise", "sketch", "stylized", "edge"),
-                       "subset_eval": {"mode": "pgd", "batch_size": 128}},
+                       "subset_eval": {"mode": "pgd", "batch_size": 128}, "pin_supercategories": None},
         # Notebooks 02-04: the six configs at 1/8 width on 96 px LSJ crops, from scratch (no ImageNet weights
         # here), 60 iterations of batch 4 with 64 RoIs per image (≈ 0.2-0.45 s each on 2 cores): enough to run
         # every part of the pipeline (schedule steps, checkpoints, resume), not to learn much (AP ≈ 0; 600 iterations
@@ -114,7 +114,9 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         "mpm": {"device": "cpu", "eval_images": 16,
                 "at": {"batch_size": 4, "max_steps": 2, "workers": 2, "log_every": 1},
                 "eval": {"batch_size": 8, "clean_floor": 0.0}},
-        "robustness": {"standins": True, "batch_size": 8, "images": 16, "subset_eval": {"batch_size": 8, "clean_floor": 0.0}},
+        # PIN's class lists: the stand-ins written beside the synthetic data (the shipped 158 real classes are absent)
+        "robustness": {"standins": True, "batch_size": 8, "images": 16, "subset_eval": {"batch_size": 8, "clean_floor": 0.0},
+                       "pin_supercategories": None},
         # The six configs at 1024 px LSJ with pretrained backbones (stand-ins), 2 iterations of one image.
         "seg": {"iters": 2, "batch_size": 1, "workers": 1, "log_every": 1, "test_batch": 1, "eval_images": 3, "device": "cpu"},
         "pseudo": {"batch_size": 1},

@@ -1,7 +1,10 @@
 """Evaluation on PartImageNet's classes (paper Tables 4 and 5).
 
 Table 4 scores the models on PIN's 125-class subset with the logits masked to those classes;
-Table 5 on PIN's 11 super-categories. PIN's lists are not distributed here, so both are inputs:
+Table 5 on PIN's 11 super-categories. Table 5's list ships with the kit (`SHIPPED["pin158"]`: PartImageNet's 158
+classes and their super-categories, as listed publicly by the part-based-models code of Sitawarin et al.; see
+`data/SOURCES.md`). The 125-class subset (ROCK's, read from its data files `categorylabel.txt`, which no
+repository lists) is an input. Both formats:
 
     subset file            one wnid per line; blank lines and "# ..." comments ignored
                            (e.g. `pin125.txt`: the 125 PartImageNet classes)
@@ -31,6 +34,14 @@ from .fileio import PinppError
 from .robust_eval import EvalConfig
 
 _WNID = re.compile(r"^n\d{8}$")
+# lists shipped in pinpp_lib/data/pin_subsets (name → file); a RobustnessConfig path may name one
+SHIPPED = {"pin158": "pin158_supercategories.csv"}
+
+
+def shipped(name: str) -> Path:
+    """The file of a shipped class list (`SHIPPED`)."""
+    from importlib import resources
+    return Path(str(resources.files("pinpp_lib.data").joinpath("pin_subsets").joinpath(SHIPPED[name])))
 SUBSET_FORMAT = "one wnid per line (e.g. n01443537); '#' starts a comment"
 SUPER_FORMAT = "a CSV with the header 'wnid,supercategory' and one row per class"
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch.nn as nn
 
-from . import corruptions, fileio, human_consistency, plots, reporting
+from . import corruptions, fileio, human_consistency, pin_subsets, plots, reporting
 from .checks import Checked, Rule, at_least, between, each, one_of
 from . import mpm_experiments as mx
 from .corruptions import CORRUPTIONS
@@ -53,7 +53,9 @@ class RobustnessConfig(Checked):
     stylized_imagenet: str | None = None
     model_vs_human: str | None = None
     pin_subset: str | None = None         # Table 4 class list (pin_subsets.SUBSET_FORMAT)
-    pin_supercategories: str | None = None  # Table 5 super-categories (pin_subsets.SUPER_FORMAT)
+    # Table 5 super-categories (pin_subsets.SUPER_FORMAT): "pin158", the shipped list of PartImageNet's 158 classes and
+    # 11 super-categories; None: <data root>/ood/pin_subsets/pin_supercategories.csv; else a path
+    pin_supercategories: str | None = "pin158"
     mvh_datasets: tuple[str, ...] = MVH_DATASETS
     standins: bool = False                # write look-alike OOD sets from the synthetic data (smoke)
     subset_eval: EvalConfig = field(default_factory=lambda: EvalConfig(threats=("Linf-4/255",)))
@@ -70,6 +72,8 @@ class RobustnessConfig(Checked):
     def path(self, name: str, data_root: str | Path) -> Path:
         """Where dataset `name` is read from: the explicit setting, else its default under the data root."""
         explicit = getattr(self, name)
+        if explicit in pin_subsets.SHIPPED:
+            return pin_subsets.shipped(explicit)
         if explicit:
             return Path(explicit)
         defaults = {"imagenet_c": Path("imagenet_c"), "pin_subset": Path("ood/pin_subsets/pin125.txt"),
@@ -130,6 +134,14 @@ def subset_records(models: dict[str, nn.Module], trained: dict[str, dict], fn: A
     return pd.DataFrame([{"model": label, **r} for label, model in models.items()
                          for r in fn(model, x, y, classes, lists, cfg, Path(trained[MODELS[label]]["out"]) / "pin_subsets",
                                      device=device)])
+
+
+def subset_protocol_note(cfg: EvalConfig) -> str:
+    """Tables 4/5's caption note on the attack: the paper states neither ε nor attack for them and the authors' code has
+    no script for them, so the kit says which it ran."""
+    return (f"Attack: {cfg.mode} at {', '.join(cfg.threats)} — the paper does not state the ε or attack of Tables 4/5 and "
+            "the authors' code (LixiaoTHU/PartImageNetPP) has no script for them; the kit uses Table 3's main threat "
+            "(set robustness.subset_eval.threats to change it). ")
 
 
 def accuracy_table(records: pd.DataFrame, threat: str) -> pd.DataFrame:

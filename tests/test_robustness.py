@@ -267,6 +267,25 @@ def test_capped_standins_list_every_pin_class_of_the_val_list(converted, synth, 
     assert len({p.parent.name for p in (tmp_path / "imagenet_sketch" / "sketch").rglob("*.JPEG")}) <= 2
 
 
+def test_shipped_pin158_list_is_partimagenets_classes_and_supercategories(tmp_path):
+    """Table 5's default list: PartImageNet's 158 IN-1K classes with the class counts per super-category of the
+    PartImageNet paper, read through the same reader as a user's file; the full profile points at it, smoke and
+    rehearsal at their stand-ins."""
+    from collections import Counter
+
+    from pinpp_lib import config, imagenet
+    d = PS.read_supercategories(PS.shipped("pin158"))
+    assert Counter(d.values()) == {"Quadruped": 46, "Reptile": 20, "Car": 19, "Biped": 17, "Snake": 15, "Bird": 14,
+                                   "Fish": 10, "Bicycle": 6, "Bottle": 5, "Boat": 4, "Aeroplane": 2}
+    assert set(d) <= {c["wnid"] for c in imagenet.classes()} and set(d.values()) == set(S.PIN_SUPERCATEGORIES.values())
+    assert d["n02071294"] == "Fish" and d["n02510455"] == "Quadruped"  # killer whale, giant panda (as PartImageNet)
+    full = config.resolve("full", data_root=tmp_path)
+    assert full.robustness.path("pin_supercategories", tmp_path) == PS.shipped("pin158")
+    assert full.robustness.path("pin_subset", tmp_path) == tmp_path / "ood" / "pin_subsets" / "pin125.txt"
+    smoke = config.resolve("smoke", data_root=tmp_path)
+    assert smoke.robustness.path("pin_supercategories", tmp_path) == tmp_path / "ood" / "pin_subsets" / "pin_supercategories.csv"
+
+
 def test_stand_in_pin_lists_give_generic_classes_pin_supercategories_in_turn():
     """Curated classes keep their own PIN super-category, other curated ones stay out, generated classes cycle
     through PIN's 11 (so a spread of a 1000-class val list always meets Tables 4/5's classes)."""
