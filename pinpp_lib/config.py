@@ -38,6 +38,7 @@ from .pretrained import WeightsConfig, use_cache
 from .pseudo_labels import PseudoConfig
 from .robustness import RobustnessConfig
 from .runmeta import code_mismatch, repo_root
+from .seg_recipes import RECIPES
 from .segmentation import SegConfig
 from .synthetic import SynthConfig
 
@@ -84,9 +85,11 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         # give box AP50 ≈ 5 on objects). Table 10: Mask R-CNN R50 with two seeds, so that its spread is computed.
         # Federated loss over 15 of the ~40 part categories (the paper's 50 would cover them all and reduce to
         # plain sigmoid CE).
-        "seg": {"image_size": 96, "width": 0.125, "vit_depth": 4, "pretrained": False, "iters": 60, "batch_size": 4,
+        "seg": {"image_size": 96, "test_short": 75, "test_long": 125, "train_short": 48, "train_long": 64,  # ≈ 1024:800:1333
+                "width": 0.125, "vit_depth": 4, "pretrained": False, "iters": 60, "batch_size": 4,
                 "lr": 0.02, "warmup_iters": 10, "rois_per_image": 64, "num_fed_classes": 15, "workers": 0,
                 "ckpt_every": 20, "log_every": 10, "seeds": (0, 1), "object_models": ("mask_rcnn_r50_fpn",), "device": "cpu",
+                "pseudo_model": "mask_rcnn_r50_fpn",  # full: §4.1's Swin-B (the rehearsal runs it)
                 "jobs": 2},
         # The smoke part model scores low after 60 iterations; at the default 0.5 it would paint nothing.
         "pseudo": {"batch_size": 8, "score_thr": 0.05},
@@ -243,6 +246,11 @@ def resolve(profile: str = "smoke", data_root: str | Path | None = None, results
     merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in _OVERRIDES[profile].items()}
     for comp, vals in (overrides or {}).items():
         merged.setdefault(comp, {}).update(vals)
+    # the segmentation recipe (paper | authors_code) sets its fields first; the profile's and the user's overrides win
+    recipe = merged.get("seg", {}).get("recipe", SegConfig.recipe)
+    if recipe not in RECIPES:
+        raise PinppError(f"seg.recipe {recipe!r}: choose one of {', '.join(RECIPES)} (docs/FIDELITY.md, §5)")
+    merged["seg"] = {**RECIPES[recipe], **merged.get("seg", {})}
     for comp, vals in merged.items():
         if not hasattr(s, comp) or comp == "paths":
             raise PinppError(f"unknown component {comp!r} in overrides")

@@ -5,7 +5,7 @@ import this module through `custom_imports`, so torchrun workers register them t
 
     FederatedLoss         sigmoid BCE over the ground-truth classes of the batch plus sampled
                           negatives (Zhou et al. 2021, as in detectron2's fed loss; the authors' recipe)
-    PartFilterBBoxHead    Shared2FCBBoxHead + two inference options: the Category Filter (CF, §4.1:
+    PartFilterBBoxHead    ConvFCBBoxHead (2fc, or detectron2's 4conv1fc) + two inference options: the Category Filter (CF, §4.1:
                           scores of categories outside an image's `allowed_labels` are zeroed) and
                           `single_label` (one label per RoI: its argmax) used when pseudo-labelling
     TimmViT               a timm ViT (ViT-S/16: embed 384, depth 12) as a single-scale backbone
@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mmdet.models.roi_heads.bbox_heads import Shared2FCBBoxHead
+from mmdet.models.roi_heads.bbox_heads import ConvFCBBoxHead
 from mmdet.registry import HOOKS, MODELS
 from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
@@ -44,16 +44,23 @@ def class_image_counts(ann_file: str, num_classes: int) -> Tensor:
     return counts
 
 
-def federated_classes(labels: Tensor, num_classes: int, num_fed: int, weight: Tensor) -> Tensor:
-    """The classes a federated loss is computed over: every ground-truth class among `labels`
-    (background = `num_classes` is skipped) plus negatives drawn without replacement with
-    probability ∝ `weight` (image frequency ** power), up to `num_fed` classes in all."""
-    gt = torch.unique(labels[(labels >= 0) & (labels < num_classes)])
-    if len(gt) >= num_fed:
+def federated_classes(labels: Tensor, num_classes: int, num_fed: int, weight: Tensor,
+                      count_background: bool = True) -> Tensor:
+    """The foreground classes a federated loss is computed over: every ground-truth class among `labels` plus
+    negatives drawn without replacement with probability ∝ `weight` (image frequency ** power), up to `num_fed`.
+
+    `count_background` (detectron2's `get_fed_loss_classes`, the authors' code): the background label
+    (`num_classes`) of a batch with background RoIs is one of the `num_fed` unique classes, so one negative fewer is
+    drawn; it is never drawn and is dropped from the result. False: only foreground classes count."""
+    keep = (labels >= 0) & (labels <= num_classes) if count_background else (labels >= 0) & (labels < num_classes)
+    unique = torch.unique(labels[keep])
+    gt = unique[unique < num_classes]
+    if len(unique) >= num_fed:
         return gt
-    prob = weight.to(labels.device, torch.float).clone()
-    prob[gt] = 0
-    n_neg = min(num_fed - len(gt), int((prob > 0).sum()))
+    # the draw over K + 1 entries with the background's at 0, as detectron2: the same samples under the same seed
+    prob = torch.cat([weight.to(labels.device, torch.float), weight.new_zeros(1, dtype=torch.float).to(labels.device)])
+    prob[unique] = 0
+    n_neg = min(num_fed - len(unique), int((prob > 0).sum()))  # detectron2 would fail; the kit draws what there is
     if n_neg == 0:
         return gt
     return torch.cat([gt, torch.multinomial(prob, n_neg, replacement=False)])
@@ -71,9 +78,11 @@ class FederatedLoss(nn.Module):
     """
 
     def __init__(self, num_classes: int, ann_file: Optional[str] = None, num_fed_classes: int = 50,
-                 freq_power: float = 0.5, loss_weight: float = 1.0, use_fed_loss: bool = True):
+                 freq_power: float = 0.5, loss_weight: float = 1.0, use_fed_loss: bool = True,
+                 count_background: bool = True):
         super().__init__()
         self.num_classes, self.num_fed, self.loss_weight, self.use_fed = num_classes, num_fed_classes, loss_weight, use_fed_loss
+        self.count_background = count_background
         counts = class_image_counts(ann_file, num_classes) if ann_file else torch.ones(num_classes)
         self.register_buffer("fed_weight", counts.float() ** freq_power, persistent=False)
         # mmdet's BBoxHead asks the loss for its output channels, activation and accuracy
@@ -97,7 +106,7 @@ class FederatedLoss(nn.Module):
         loss = F.binary_cross_entropy_with_logits(cls_score, target, reduction="none")
         if self.use_fed:
             mask = cls_score.new_zeros(k)
-            mask[federated_classes(labels, k, self.num_fed, self.fed_weight)] = 1
+            mask[federated_classes(labels, k, self.num_fed, self.fed_weight, self.count_background)] = 1
             loss = loss * mask[None]
         if label_weights is not None:
             loss = loss * label_weights[:, None].to(loss.dtype)
@@ -105,23 +114,25 @@ class FederatedLoss(nn.Module):
 
 
 @MODELS.register_module()
-class PartFilterBBoxHead(Shared2FCBBoxHead):
-    """The standard 2-fc box head, plus the Category Filter and one-label-per-RoI at inference.
+class PartFilterBBoxHead(ConvFCBBoxHead):
+    """A shared conv/fc box head — by default mmdet's Shared2FCBBoxHead (2 fc); `num_shared_convs=4,
+    num_shared_fcs=1, norm_cfg=...` is detectron2's 4conv1fc head of the authors' configs — plus the Category Filter
+    and one-label-per-RoI at inference.
 
     - CF: an image whose metainfo carries `allowed_labels` (the labels of its class's parts) gets
       every other category's logit set to −inf before scoring, so its probability is exactly 0 and
       no detection of another class's part can come out (paper §4.1).
     - `single_label=True` in the rcnn test config keeps only each RoI's best category ("argmax per
       detection"), instead of one detection per category above the score threshold.
-    Without either option it is exactly Shared2FCBBoxHead. With a sigmoid classifier (FederatedLoss)
-    the classifier's bias starts at the prior log(p / (1 − p)), p = `prior_prob` (as detectron2's
-    sigmoid/federated heads): otherwise the K independent sigmoids start at 0.5 and the first steps'
-    loss is ~K × 0.69, large enough to destabilise training from scratch.
+    Without either option (and with the defaults) it is exactly Shared2FCBBoxHead. `prior_prob`: the sigmoid
+    classifier's bias starts at log(p / (1 − p)); None keeps mmdet's 0, as detectron2's FastRCNNOutputLayers (the
+    authors' code) initialises it.
     """
 
-    def __init__(self, *args, prior_prob: float = 0.01, **kwargs):
-        super().__init__(*args, **kwargs)
-        if isinstance(self.loss_cls, FederatedLoss):
+    def __init__(self, *args, num_shared_convs: int = 0, num_shared_fcs: int = 2, prior_prob: Optional[float] = None,
+                 **kwargs):
+        super().__init__(*args, num_shared_convs=num_shared_convs, num_shared_fcs=num_shared_fcs, **kwargs)
+        if prior_prob is not None and isinstance(self.loss_cls, FederatedLoss):
             for init in self.init_cfg:
                 if init.get("override") == {"name": "fc_cls"}:
                     init["bias_prob"] = prior_prob

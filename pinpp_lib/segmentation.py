@@ -27,48 +27,72 @@ import torch
 from . import checkpoint, distributed, fileio, jobs, store
 from .checks import Checked, Rule, above, all_of, at_least, between, device_name, each, one_of, ordered
 from .fileio import PinppError
+from .seg_recipes import RECIPES, apply_recipe
 
-CONFIGS = {  # config file → row label of Tables 9 and 10
+CONFIGS = {  # config file → row label of Tables 9 and 10 (and of the pseudo-label model)
     "mask_rcnn_r50_fpn": "Mask R-CNN R50-FPN",
     "mask_rcnn_r101_fpn": "Mask R-CNN R101-FPN",
     "cascade_mask_rcnn_r50_fpn": "Cascade Mask R-CNN R50-FPN",
     "cascade_mask_rcnn_r101_fpn": "Cascade Mask R-CNN R101-FPN",
     "mask_rcnn_vit_s_sfp": "Mask R-CNN ViT-S (simple FPN)",
     "cascade_mask_rcnn_vit_s_sfp": "Cascade Mask R-CNN ViT-S (simple FPN)",
+    "mask_rcnn_swin_b_fpn": "Mask R-CNN Swin-B-FPN",
 }
+BENCHMARK = tuple(CONFIGS)[:6]  # the rows of Tables 9 and 10; Swin-B is §4.1's pseudo-label model
 TASKS = ("parts", "objects", "objects+parts")
 
 
 @dataclass
 class SegConfig(Checked):
-    """Segmentation-benchmark settings. Defaults: the authors' recipe (facts §3) at full size."""
-    models: tuple[str, ...] = tuple(CONFIGS)         # Table 9 rows
-    object_models: tuple[str, ...] = tuple(CONFIGS)  # Table 10 rows (each trained object-only and object+part)
-    pseudo_model: str = "mask_rcnn_r50_fpn"          # the part model that writes pseudo labels (§4.1)
+    """Segmentation-benchmark settings at full size. Defaults: the paper's recipe (§5) and, where it is silent, the
+    authors' detectron2 configs (r50_fpn.py on new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py); `recipe` picks the
+    paper's or the code's choice where they differ (`RECIPES`, resolved in `config`)."""
+    recipe: str = "paper"                            # "paper" | "authors_code" (see RECIPES)
+    models: tuple[str, ...] = BENCHMARK              # Table 9 rows
+    object_models: tuple[str, ...] = BENCHMARK       # Table 10 rows (each trained object-only and object+part)
+    pseudo_model: str = "mask_rcnn_swin_b_fpn"       # the part model that writes pseudo labels (§4.1: Swin-B)
     seeds: tuple[int, ...] = (0,)                    # Table 10 runs each (and reports the spread); Tables 9 and 6-left the first
-    image_size: int = 1024       # LSJ crop and test size (longer side)
+    augment: str = "lsj"         # "lsj": scale 0.1–2.0 of image_size, crop/pad to it, flip | "resize_shortest"
+    image_size: int = 1024       # LSJ crop size
+    train_short: int = 375       # "resize_shortest": shorter side, longer side at most train_long (training)
+    train_long: int = 500
+    test_short: int = 800        # test resize: shorter side, longer side at most test_long
+    test_long: int = 1333
     batch_size: int = 8          # total over all processes
     lr: float = 0.03
     iters: int = 62500
     lr_steps: tuple[float, ...] = (0.5, 0.75)        # fractions of `iters`, ×0.1 each
-    warmup_iters: int = 1000
-    weight_decay: float = 1e-4
+    warmup_iters: int = 250      # code: warmup_length = 250 / max_iter, from warmup_factor (new_baselines: 0.067)
+    warmup_factor: float = 0.067
+    weight_decay: float = 4e-5   # new_baselines LSJ; none on normalisation layers (detectron2 weight_decay_norm = 0)
+    norm_decay: float = 0.0
+    amp: bool = True             # train.amp.enabled (CUDA only: a CPU run trains in fp32)
+    norm: str = "SyncBN"         # backbone, FPN and head convs (SyncBN over one process is BatchNorm exactly)
+    box_head: str = "4conv1fc"   # "4conv1fc" (4 convs with norm + 1 fc, new_baselines) | "2fc" (mmdet's default)
+    rpn_convs: int = 2           # new_baselines: 2 convs in the RPN head
     width: float = 1.0           # channel multiplier of backbone/neck/heads (1.0 = the published models)
     vit_depth: int = 12
-    pretrained: bool = True      # ImageNet-pretrained backbones (torchvision R50/R101, timm ViT-S/16)
-    num_fed_classes: int = 50
-    rois_per_image: int = 512    # RoIs sampled per image for the box/mask heads (detectron2 and mmdet: 512)
+    pretrained: bool = False     # the code trains from scratch (init_checkpoint ""); True: ImageNet-pretrained backbones
+    num_fed_classes: int = 50    # detectron2's fed_loss_num_classes; the background counts among them (seg_models)
+    fed_count_background: bool = True
+    cls_prior: float | None = None  # RoI classifier bias init: None = 0 (detectron2); p: log(p / (1 − p))
+    rois_per_image: int = 128    # the authors' batch_size_per_image (detectron2/mmdet default: 512)
     rfs_threshold: float = 1e-3
     workers: int = 4
     ckpt_every: int = 5000
     log_every: int = 50
     test_batch: int = 8
-    score_thr: float = 0.05      # evaluation: COCO-style, up to 100 detections per image
+    score_thr: float = 0.001     # test_score_thresh of the authors' box predictors
+    max_dets: int = 300          # test_topk_per_image (detections kept per image)
     eval_images: int = 0         # rehearsal: score the first N images of a split only; 0: all
     jobs: int = 1                # runs trained (and scored) at once, one CPU thread each (smoke); 1: one after another
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     LIMITS: ClassVar[dict[str, Rule]] = {
         "models": each(one_of(*CONFIGS)), "object_models": each(one_of(*CONFIGS)), "pseudo_model": one_of(*CONFIGS),
+        "recipe": one_of(*RECIPES), "augment": one_of("lsj", "resize_shortest"), "train_short": at_least(16),
+        "train_long": at_least(16), "test_short": at_least(16), "test_long": at_least(16),
+        "warmup_factor": between(0, 1), "norm_decay": at_least(0), "norm": one_of("BN", "SyncBN"),
+        "box_head": one_of("4conv1fc", "2fc"), "rpn_convs": at_least(1), "max_dets": at_least(1),
         "seeds": each(at_least(0)), "image_size": at_least(32), "batch_size": at_least(1), "lr": above(0), "iters": at_least(1),
         "lr_steps": all_of(each(between(0, 1)), ordered), "warmup_iters": at_least(0), "weight_decay": at_least(0),
         "width": above(0), "vit_depth": at_least(1), "num_fed_classes": at_least(1), "rois_per_image": at_least(1),
@@ -119,6 +143,10 @@ def _scale_width(model: dict, w: float) -> None:
         bb["base_channels"] = c(64)
         exp = 1 if bb["depth"] in (18, 34) else 4
         model["neck"]["in_channels"] = [c(64) * exp * 2 ** i for i in range(4)]
+    elif bb["type"] == "SwinTransformer":  # heads scale with the width; 32 channels per head, doubling per stage
+        heads = max(1, int(round(bb["num_heads"][0] * w)))
+        bb.update(embed_dims=32 * heads, num_heads=[heads * 2 ** i for i in range(4)])
+        model["neck"]["in_channels"] = [32 * heads * 2 ** i for i in range(4)]
     else:  # ViT: width in multiples of its heads (64 channels each)
         heads = max(1, int(round(6 * w)))
         bb.update(embed_dim=64 * heads, num_heads=heads)
@@ -162,6 +190,9 @@ def _set_pretrained(model: dict, pretrained: bool) -> None:
     bb = model["backbone"]
     if bb["type"] == "TimmViT":
         bb["pretrained"] = pretrained
+    elif bb["type"] == "SwinTransformer":
+        if not pretrained:
+            bb.pop("init_cfg", None)
     elif not pretrained:
         bb.pop("init_cfg", None)
         bb.update(frozen_stages=-1, norm_eval=False)
@@ -191,10 +222,7 @@ def build_config(name: str, task: str, converted: str | Path, run_dir: str | Pat
     for stage in (rcnn if isinstance(rcnn, list) else [rcnn]):
         stage.sampler.num = sc.rois_per_image
     cfg.train_cfg.max_iters = sc.iters
-    cfg.optim_wrapper.optimizer.update(lr=sc.lr, weight_decay=sc.weight_decay)
-    warm, steps = cfg.param_scheduler
-    warm.end = min(sc.warmup_iters, sc.iters)
-    steps.update(end=sc.iters, milestones=[int(f * sc.iters) for f in sc.lr_steps])
+    apply_recipe(cfg, sc, world_size)  # augmentation, norms, heads, optimiser, schedule, AMP, test settings
     cfg.default_hooks.checkpoint.interval = sc.ckpt_every
     cfg.default_hooks.logger.interval = sc.log_every
     cfg.log_processor.window_size = sc.log_every
@@ -227,9 +255,9 @@ def check_pretrained(cfg) -> None:
     """Fail early, in one line, when ImageNet weights the config asks for are not on disk (offline)."""
     init = cfg.model.backbone.get("init_cfg") or {}
     ck = init.get("checkpoint", "") if isinstance(init, dict) else ""
-    if ck.startswith("torchvision://"):
+    if ck.startswith(("torchvision://", "https://")):
         from mmengine.runner.checkpoint import get_torchvision_models
-        url = get_torchvision_models()[ck.split("//", 1)[1]]
+        url = get_torchvision_models()[ck.split("//", 1)[1]] if ck.startswith("torchvision://") else ck
         path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
         if not path.exists():
             raise PinppError(f"{path}: ImageNet weights for the backbone ({ck}) are not on disk and cannot be downloaded "
@@ -251,8 +279,8 @@ def _identity(name: str, task: str, seed: int, sc: SegConfig, ann_file: Path) ->
     """What makes two runs the same run: the config, task, seed, settings (not the device or loader workers)
     and the bytes of the training file."""
     d = {k: v for k, v in dataclasses.asdict(sc).items()
-         if k not in ("models", "object_models", "pseudo_model", "seeds", "workers", "device", "test_batch", "score_thr", "log_every",
-                       "eval_images", "jobs")}
+         if k not in ("recipe", "models", "object_models", "pseudo_model", "seeds", "workers", "device", "test_batch", "score_thr",
+                       "max_dets", "log_every", "eval_images", "jobs")}
     return store.Identity("seg-train", {"config": name, "task": task, "seed": seed, "seg": d, "train_file": ann_file.name},
                           {"train_file": fileio.sha256_file(ann_file)})
 

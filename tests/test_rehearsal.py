@@ -32,6 +32,7 @@ SIZE_KEYS = {
     "mpm.device", "mpm.eval_images", "mpm.at.batch_size", "mpm.at.max_steps", "mpm.at.workers", "mpm.at.log_every",
     "mpm.eval.batch_size", "mpm.eval.clean_floor", "robustness.standins", "robustness.batch_size", "robustness.images",
     "robustness.subset_eval.batch_size", "robustness.subset_eval.clean_floor",
+    "robustness.pin_supercategories",  # the stand-in lists of the synthetic classes (the shipped 158 are absent)
     "seg.iters", "seg.batch_size", "seg.workers", "seg.log_every", "seg.test_batch", "seg.eval_images", "seg.device",
     "pseudo.batch_size", "few_shot.synth", "few_shot.batch_size", "few_shot.max_steps", "few_shot.meta_episodes",
     "few_shot.eval_episodes", "few_shot.workers", "few_shot.device",
@@ -60,7 +61,8 @@ def test_rehearsal_differs_from_full_only_in_sizes(tmp_path):
     # the real sizes the rehearsal exists for
     assert reh["synth.classes"] == 1000 and reh["synth.parts_total"] == 3310
     assert reh["mpm.at.arch"] == "r50" and reh["transform.size"] == 224 and reh["mpm.at.init"] == "torchvision_v2"
-    assert reh["seg.image_size"] == 1024 and reh["seg.pretrained"] and reh["seg.num_fed_classes"] == 50
+    assert reh["seg.image_size"] == 1024 and not reh["seg.pretrained"] and reh["seg.num_fed_classes"] == 50
+    assert reh["seg.recipe"] == "paper" and reh["seg.box_head"] == "4conv1fc" and reh["seg.norm"] == "SyncBN"
     assert reh["mpm.eval.threats"] == full["mpm.eval.threats"] and len(reh["mpm.eval.threats"]) == 4
     assert reh["mpm.ablation_mode"] == "autoattack" and len(reh["robustness.mvh_datasets"]) == 17
 

@@ -25,7 +25,7 @@ from pinpp_lib.fileio import PinppError
 
 ROOT = Path(__file__).resolve().parents[1]
 # The smoke profile's shape of model, made smaller still: 1-2 iterations, 64 px.
-TINY = segmentation.SegConfig(iters=1, image_size=64, batch_size=2, width=0.125, vit_depth=2, pretrained=False,
+TINY = segmentation.SegConfig(iters=1, image_size=64, test_short=50, test_long=83, batch_size=2, width=0.125, vit_depth=2, pretrained=False,
                               num_fed_classes=5, workers=0, ckpt_every=1, log_every=1, warmup_iters=1, test_batch=4,
                               device="cpu")
 
@@ -38,11 +38,41 @@ def test_federated_classes_cover_the_batch_and_sample_by_frequency():
     weight = torch.ones(10)
     weight[5] = 0  # a class never seen in training is never drawn as a negative
     for _ in range(50):
-        fed = seg_models.federated_classes(labels, 10, 6, weight).tolist()
+        fed = seg_models.federated_classes(labels, 10, 6, weight, count_background=False).tolist()
         assert {2, 7} <= set(fed) and 10 not in fed and 5 not in fed
         assert len(fed) == 6 == len(set(fed))
+        fed = seg_models.federated_classes(labels, 10, 6, weight).tolist()  # background counts: one negative fewer
+        assert {2, 7} <= set(fed) and 10 not in fed and 5 not in fed and len(fed) == 5 == len(set(fed))
     many = torch.arange(8)
     assert set(seg_models.federated_classes(many, 10, 4, weight).tolist()) == set(range(8))  # all gt kept
+
+
+def test_federated_classes_equal_detectron2s_get_fed_loss_classes():
+    """A literal restatement of detectron2's FastRCNNOutputLayers.get_fed_loss_classes (@02b5c4e2, the authors'
+    code path): the same classes under the same seed, background dropped afterwards as its mask[:K] does."""
+    def detectron2(gt_classes, num_fed_loss_classes, num_classes, weight):
+        unique_gt_classes = torch.unique(gt_classes)
+        prob = unique_gt_classes.new_ones(num_classes + 1).float()
+        prob[-1] = 0
+        if len(unique_gt_classes) < num_fed_loss_classes:
+            prob[:num_classes] = weight.float().clone()
+            prob[unique_gt_classes] = 0
+            sampled = torch.multinomial(prob, num_fed_loss_classes - len(unique_gt_classes), replacement=False)
+            fed = torch.cat([unique_gt_classes, sampled])
+        else:
+            fed = unique_gt_classes
+        mask = fed.new_zeros(num_classes + 1)
+        mask[fed] = 1
+        return mask[:num_classes].nonzero().squeeze(1)
+
+    weight = torch.rand(40) ** 0.5
+    for seed, labels in enumerate([torch.tensor([3, 3, 40, 17, 40]), torch.tensor([5, 9]), torch.tensor([40, 40]),
+                                   torch.arange(41)]):
+        torch.manual_seed(seed)
+        want = detectron2(labels, 12, 40, weight)
+        torch.manual_seed(seed)
+        got = seg_models.federated_classes(labels, 40, 12, weight)
+        assert sorted(got.tolist()) == want.tolist()
 
 
 def test_federated_loss_is_bce_over_the_federated_classes_only():
@@ -220,7 +250,8 @@ def test_part_figure_picks_images_with_detections_or_says_there_are_none(tiny_ru
     det["detections"]["plain"].append({"image_id": iid, "category_id": ann["category_id"], "score": 0.9,
                                        "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})
     fileio.write_json(path, det)
-    seg_eval.plot_predictions(run, converted, "test", tmp_path / "b.png", n=3, score_thr=0.5)
+    # 0.9: the untrained model's sigmoid scores sit near 0.5 (the classifier bias starts at 0, as detectron2's)
+    seg_eval.plot_predictions(run, converted, "test", tmp_path / "b.png", n=3, score_thr=0.9)
     assert "detects nothing" not in figs[-1]._suptitle.get_text()
     wnid = gt.imgs[iid]["file_name"].split("/")[0]
     assert figs[-1].axes[0].get_title().startswith(f"{wnid} ")  # wnid + class name, the image with the detection first
@@ -286,15 +317,126 @@ def test_smoke_and_full_configs_differ_in_sizes_only(converted, tmp_path):
     n_parts = len(json.loads((converted / "parts.json").read_text()))
     assert all(h.num_classes == n_parts for h in small.model.roi_head.bbox_head) and full.train_cfg.max_iters == 62500
     assert full.param_scheduler[1].milestones == [31250, 46875] and full.optim_wrapper.optimizer.lr == 0.03
-    assert full.model.backbone.init_cfg.checkpoint == "torchvision://resnet50" and full.model.backbone.norm_eval
-    assert small.model.backbone.frozen_stages == -1 and not small.model.backbone.norm_eval  # from scratch: train it all
+    assert "init_cfg" not in full.model.backbone  # the authors' configs train from scratch (init_checkpoint "")
+    assert full.model.backbone.frozen_stages == -1 and not full.model.backbone.norm_eval  # from scratch: train it all
     lsj = full.train_dataloader.dataset.dataset.pipeline[2]
     assert lsj.ratio_range == (0.1, 2.0) and lsj.scale == (1024, 1024)
 
 
+def _types(pipeline) -> list[str]:
+    return [t["type"] for t in pipeline]
+
+
+def test_recipes_build_the_papers_and_the_authors_configs(converted, tmp_path):
+    """seg.recipe, resolved in config: "paper" = LSJ at 1024 (tested at 800/1333), "authors_code" = flip +
+    ResizeShortestEdge(375, 500) for training and testing; both with the code's choices where the paper is silent
+    (r50_fpn.py on new_baselines LSJ: SyncBN, 4conv1fc heads with norm, 2-conv RPN, 128 RoIs, wd 4e-5 without decay
+    on norms, warm-up 250 from 0.067, AMP, score 0.001, 300 detections, federated loss counting the background)."""
+    from pinpp_lib import config
+    paper = config.resolve("full", data_root=tmp_path).seg
+    code = config.resolve("full", data_root=tmp_path, overrides={"seg": {"recipe": "authors_code"}}).seg
+    assert (paper.augment, paper.test_short, paper.test_long) == ("lsj", 800, 1333)
+    assert (code.augment, code.train_short, code.train_long, code.test_short, code.test_long) == ("resize_shortest", 375, 500, 375, 500)
+    assert {f: getattr(paper, f) for f in ("recipe", "augment", "test_short", "test_long")} != \
+        {f: getattr(code, f) for f in ("recipe", "augment", "test_short", "test_long")}
+    assert config.resolve("full", data_root=tmp_path, overrides={"seg": {"recipe": "authors_code", "test_short": 600}}).seg.test_short == 600
+    with pytest.raises(PinppError, match="seg.recipe 'detectron2': choose one of paper, authors_code"):
+        config.resolve("full", data_root=tmp_path, overrides={"seg": {"recipe": "detectron2"}})
+    for sc in (paper, code):
+        for world in (1, 2):
+            cfg = segmentation.build_config("mask_rcnn_r50_fpn", "parts", converted, tmp_path, dataclasses.replace(sc, device="cuda"), 0, world)
+            m = cfg.model
+            norm = "SyncBN" if world > 1 else "BN"  # SyncBN over one process is BatchNorm
+            assert m.backbone.norm_cfg.type == m.neck.norm_cfg.type == m.roi_head.bbox_head.norm_cfg.type == norm
+            assert m.roi_head.mask_head.norm_cfg.type == norm
+            b = m.roi_head.bbox_head
+            assert (b.num_shared_convs, b.num_shared_fcs, b.conv_out_channels, b.fc_out_channels) == (4, 1, 256, 1024)
+            assert b.loss_cls.count_background and b.prior_prob is None and b.loss_cls.num_fed_classes == 50
+            assert m.rpn_head.num_convs == 2 and m.train_cfg.rcnn.sampler.num == 128
+            assert (m.test_cfg.rcnn.score_thr, m.test_cfg.rcnn.max_per_img) == (0.001, 300)
+            ow = cfg.optim_wrapper
+            assert ow.type == "AmpOptimWrapper" and ow.optimizer.weight_decay == 4e-5 and ow.paramwise_cfg.norm_decay_mult == 0
+            warm = cfg.param_scheduler[0]
+            assert (warm.start_factor, warm.end) == (0.067, 250)
+        cpu = segmentation.build_config("mask_rcnn_r50_fpn", "parts", converted, tmp_path, dataclasses.replace(sc, device="cpu"))
+        assert cpu.optim_wrapper.type == "OptimWrapper"  # mmengine has no CPU AMP
+        test_resize = [t for t in cpu.test_pipeline if t["type"] == "Resize"][0]
+        assert test_resize.scale == (sc.test_long, sc.test_short) and test_resize.keep_ratio
+        train = cpu.train_dataloader.dataset.dataset.pipeline
+        if sc.augment == "lsj":
+            assert "RandomResize" in _types(train) and "RandomCrop" in _types(train)
+            assert cpu.model.data_preprocessor.batch_augments[0].type == "BatchFixedSizePad"
+        else:
+            assert "RandomResize" not in _types(train) and "RandomCrop" not in _types(train) and "RandomFlip" in _types(train)
+            r = [t for t in train if t["type"] == "Resize"][0]
+            assert r.scale == (500, 375) and r.keep_ratio and cpu.model.data_preprocessor.batch_augments is None
+    # the cascade's three box heads get the same 4conv1fc head
+    casc = segmentation.build_config("cascade_mask_rcnn_r50_fpn", "parts", converted, tmp_path, paper)
+    assert all(h.num_shared_convs == 4 and h.num_shared_fcs == 1 for h in casc.model.roi_head.bbox_head)
+
+
+def test_authors_code_recipe_trains_one_iteration_and_evaluates(converted, tmp_path):
+    """The other recipe runs end to end too (resize-shortest augmentation without LSJ's fixed-size padding)."""
+    sc = dataclasses.replace(TINY, recipe="authors_code", augment="resize_shortest", train_short=48, train_long=64,
+                             test_short=48, test_long=64)
+    run = segmentation.train("mask_rcnn_r50_fpn", "parts", converted, tmp_path, sc, 0)
+    cfg = (Path(run["out"]) / "config.py").read_text()
+    flat = cfg.replace(" ", "").replace("\n", "")
+    assert "type='Resize'" in flat and "scale=(64,48,)" in flat.replace("scale=(64,48)", "scale=(64,48,)") and "RandomCrop" not in flat
+    rows, _ = seg_eval.evaluate_run(run, converted, "test", "parts", sc)
+    assert 0 <= rows[0]["mask AP"] <= 100
+
+
+def test_swin_b_pseudo_model_is_the_full_profiles(converted, tmp_path):
+    """§4.1's part model: Mask R-CNN Swin-B in full and rehearsal (R50 in smoke), Swin-B's sizes feeding the FPN; a
+    narrow copy keeps 32 channels per head."""
+    from pinpp_lib import config
+    assert config.resolve("full", data_root=tmp_path).seg.pseudo_model == "mask_rcnn_swin_b_fpn"
+    assert config.resolve("rehearsal", data_root=tmp_path).seg.pseudo_model == "mask_rcnn_swin_b_fpn"
+    assert config.resolve("smoke", data_root=tmp_path).seg.pseudo_model == "mask_rcnn_r50_fpn"
+    assert "mask_rcnn_swin_b_fpn" not in segmentation.BENCHMARK and len(segmentation.BENCHMARK) == 6
+    full = segmentation.build_config("mask_rcnn_swin_b_fpn", "parts", converted, tmp_path, segmentation.SegConfig())
+    bb = full.model.backbone
+    assert (bb.type, bb.embed_dims, list(bb.depths), list(bb.num_heads), bb.window_size) == \
+        ("SwinTransformer", 128, [2, 2, 18, 2], [4, 8, 16, 32], 7)
+    assert list(full.model.neck.in_channels) == [128, 256, 512, 1024] and "init_cfg" not in bb  # from scratch
+    small = segmentation.build_config("mask_rcnn_swin_b_fpn", "parts", converted, tmp_path, TINY)
+    assert small.model.backbone.embed_dims == 32 and list(small.model.backbone.num_heads) == [1, 2, 4, 8]
+    assert list(small.model.neck.in_channels) == [32, 64, 128, 256]
+    pre = segmentation.build_config("mask_rcnn_swin_b_fpn", "parts", converted, tmp_path, segmentation.SegConfig(pretrained=True))
+    assert pre.model.backbone.init_cfg.checkpoint.endswith("swin_base_patch4_window7_224.pth")
+
+
+def test_resize_shortest_edge_equals_detectron2s():
+    """mmdet's Resize((long, short), keep_ratio=True) gives detectron2's ResizeShortestEdge(short, max long) output
+    size; detectron2 restated literally (detectron2/data/transforms/augmentation_impl.py @02b5c4e2)."""
+    from mmdet.datasets.transforms import Resize
+
+    def detectron2(oldh, oldw, short_edge_length, max_size):
+        h, w = oldh, oldw
+        size = short_edge_length * 1.0
+        scale = size / min(h, w)
+        if h < w:
+            newh, neww = size, scale * w
+        else:
+            newh, neww = scale * h, size
+        if max(newh, neww) > max_size:
+            scale = max_size * 1.0 / max(newh, neww)
+            newh = newh * scale
+            neww = neww * scale
+        neww = int(neww + 0.5)
+        newh = int(newh + 0.5)
+        return (newh, neww)
+
+    t = Resize(scale=(500, 375), keep_ratio=True)
+    for h, w in [(375, 500), (500, 375), (333, 500), (240, 320), (1200, 300), (481, 640), (375, 375), (2000, 3008)]:
+        out = t({"img": np.zeros((h, w, 3), np.uint8), "img_shape": (h, w)})
+        assert out["img"].shape[:2] == detectron2(h, w, 375, 500), (h, w)
+
+
 def test_missing_pretrained_weights_fail_with_the_file_to_fetch(converted, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
-    cfg = segmentation.build_config("mask_rcnn_r101_fpn", "parts", converted, tmp_path, segmentation.SegConfig())
+    cfg = segmentation.build_config("mask_rcnn_r101_fpn", "parts", converted, tmp_path, segmentation.SegConfig(pretrained=True))
     with pytest.raises(PinppError, match=r"resnet101-.*\.pth: ImageNet weights .* seg.pretrained=False"):
         segmentation.check_pretrained(cfg)
 

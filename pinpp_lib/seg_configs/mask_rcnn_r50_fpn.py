@@ -3,6 +3,8 @@
 # The authors' recipe (detectron2/PACO style): sigmoid classification with a federated loss,
 # repeat-factor sampling (threshold 1e-3), large-scale jitter (LSJ) at 1024², total batch 8, SGD lr 0.03,
 # 62.5k iterations with lr steps at 50% and 75%. The other five configs are small deltas of this file.
+# `pinpp_lib.seg_recipes.apply_recipe` then sets what the paper's and the authors' recipes choose (augmentation,
+# test resize, norms, 4conv1fc heads, 2-conv RPN, RoIs, optimiser, warm-up, AMP, detections per image).
 #
 # `pinpp_lib.segmentation.build_config` fills in what depends on the data and the run: the annotation
 # files and image root, the classes (`num_classes`, the federated loss's frequency file), image size,
