@@ -60,9 +60,10 @@ def apply_recipe(cfg: Any, sc: Any, world_size: int = 1) -> None:
         model.backbone.norm_cfg = norm
         model.neck.norm_cfg = norm
     model.rpn_head.num_convs = sc.rpn_convs
+    convs = max(8, int(round(256 * sc.width)))  # 256 channels, narrowed with the rest of the model (smoke)
     for head in _stages(model.roi_head.bbox_head):
         if sc.box_head == "4conv1fc":
-            head.update(num_shared_convs=4, num_shared_fcs=1, conv_out_channels=256, norm_cfg=norm)
+            head.update(num_shared_convs=4, num_shared_fcs=1, conv_out_channels=convs, norm_cfg=norm)
         head.loss_cls.count_background = sc.fed_count_background
         head.prior_prob = sc.cls_prior
     if sc.box_head == "4conv1fc":

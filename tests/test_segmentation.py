@@ -370,6 +370,9 @@ def test_recipes_build_the_papers_and_the_authors_configs(converted, tmp_path):
             assert "RandomResize" not in _types(train) and "RandomCrop" not in _types(train) and "RandomFlip" in _types(train)
             r = [t for t in train if t["type"] == "Resize"][0]
             assert r.scale == (500, 375) and r.keep_ratio and cpu.model.data_preprocessor.batch_augments is None
+    # a narrow model (smoke) narrows the head convs too: 256 × width, as every other channel count
+    tiny = segmentation.build_config("mask_rcnn_r50_fpn", "parts", converted, tmp_path, TINY).model.roi_head.bbox_head
+    assert tiny.conv_out_channels == 32 and tiny.fc_out_channels == 128
     # the cascade's three box heads get the same 4conv1fc head
     casc = segmentation.build_config("cascade_mask_rcnn_r50_fpn", "parts", converted, tmp_path, paper)
     assert all(h.num_shared_convs == 4 and h.num_shared_fcs == 1 for h in casc.model.roi_head.bbox_head)
