@@ -118,15 +118,16 @@ def write_imagenet_c_from_files(root: str | Path, src_root: str | Path, rel_path
         rels = rel_paths[start:start + chunk]
         inputs = {"names": store.names_digest(rels), "sources": store.tree_digest([src_root / r for r in rels], src_root),
                   "size": size, "crop_pct": crop_pct}
-        todo = [(c, s) for c in corruptions for s in severities
-                if store.finished(root / c / str(s), _identity(c, s, seed, inputs), f".done-{start:08d}") is None]
+        record = f".done-{start:08d}"
+        idents = {(c, s): _identity(c, s, seed, inputs) for c in corruptions for s in severities}
+        todo = [(c, s) for (c, s), ident in idents.items() if store.finished(root / c / str(s), ident, record) is None]
         if not todo:
             continue
         ds = PathDataset([src_root / r for r in rels], size, crop_pct)
         x = torch.stack([ds[i] for i in range(len(ds))])
         for c, s in todo:
             _write(root / c / str(s), x, rels, c, s, seed, start)
-            store.finish(root / c / str(s), _identity(c, s, seed, inputs), [], {"images": len(rels)}, f".done-{start:08d}")
+            store.finish(root / c / str(s), idents[c, s], [], {"images": len(rels)}, record)
     return root
 
 

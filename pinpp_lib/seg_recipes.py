@@ -35,17 +35,19 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def _walk(node: Any, fn) -> None:
+def walk(node: Any, fn) -> None:
+    """Call fn(dict) on every dict inside a config tree."""
     if isinstance(node, dict):
         fn(node)
         for v in node.values():
-            _walk(v, fn)
+            walk(v, fn)
     elif isinstance(node, (list, tuple)):
         for v in node:
-            _walk(v, fn)
+            walk(v, fn)
 
 
-def _stages(x: Any) -> list:
+def stages(x: Any) -> list:
+    """A cascade's per-stage list, or a single head/config as a list of one."""
     return x if isinstance(x, list) else [x]
 
 
@@ -61,14 +63,14 @@ def apply_recipe(cfg: Any, sc: Any, world_size: int = 1) -> None:
         model.neck.norm_cfg = norm
     model.rpn_head.num_convs = sc.rpn_convs
     convs = max(8, int(round(256 * sc.width)))  # 256 channels, narrowed with the rest of the model (smoke)
-    for head in _stages(model.roi_head.bbox_head):
+    for head in stages(model.roi_head.bbox_head):
         if sc.box_head == "4conv1fc":
             head.update(num_shared_convs=4, num_shared_fcs=1, conv_out_channels=convs, norm_cfg=norm)
         head.loss_cls.count_background = sc.fed_count_background
         head.prior_prob = sc.cls_prior
     if sc.box_head == "4conv1fc":
         model.roi_head.mask_head.norm_cfg = norm
-    for stage in _stages(model.test_cfg.rcnn):
+    for stage in stages(model.test_cfg.rcnn):
         stage.update(score_thr=sc.score_thr, max_per_img=sc.max_dets)
     # augmentation
     if sc.augment == "resize_shortest":
@@ -83,8 +85,7 @@ def apply_recipe(cfg: Any, sc: Any, world_size: int = 1) -> None:
     def test_resize(d: dict) -> None:
         if d.get("type") == "Resize":
             d.update(scale=(sc.test_long, sc.test_short), keep_ratio=True)
-    _walk(cfg.test_pipeline, test_resize)
-    _walk(cfg.get("test_dataloader") or {}, test_resize)
+    walk(cfg.test_pipeline, test_resize)
     # optimiser and schedule
     cfg.optim_wrapper.optimizer.update(lr=sc.lr, weight_decay=sc.weight_decay)
     cfg.optim_wrapper.paramwise_cfg = dict(norm_decay_mult=sc.norm_decay)

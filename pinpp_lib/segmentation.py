@@ -27,7 +27,7 @@ import torch
 from . import checkpoint, distributed, fileio, jobs, store
 from .checks import Checked, Rule, above, all_of, at_least, between, device_name, each, one_of, ordered
 from .fileio import PinppError
-from .seg_recipes import RECIPES, apply_recipe
+from .seg_recipes import RECIPES, apply_recipe, stages, walk
 
 CONFIGS = {  # config file → row label of Tables 9 and 10 (and of the pseudo-label model)
     "mask_rcnn_r50_fpn": "Mask R-CNN R50-FPN",
@@ -122,17 +122,6 @@ def categories(ann_file: str | Path) -> list[dict]:
     return sorted(coco["categories"], key=lambda c: c["id"])
 
 
-def _walk(node: Any, fn) -> None:
-    """Call fn(dict) on every dict inside a config tree."""
-    if isinstance(node, dict):
-        fn(node)
-        for v in node.values():
-            _walk(v, fn)
-    elif isinstance(node, (list, tuple)):
-        for v in node:
-            _walk(v, fn)
-
-
 def _scale_width(model: dict, w: float) -> None:
     """Multiply every channel count of the model by `w` (smoke shrinks the published models; 1.0 = unchanged)."""
     if w == 1.0:
@@ -160,7 +149,7 @@ def _scale_width(model: dict, w: float) -> None:
             if "in_channels" in d:
                 d["in_channels"] = c(d["in_channels"])
     for key in ("neck", "rpn_head", "roi_head"):
-        _walk(model[key], shrink)
+        walk(model[key], shrink)
 
 
 def _set_image_size(cfg, size: int) -> None:
@@ -171,9 +160,8 @@ def _set_image_size(cfg, size: int) -> None:
             d["crop_size" if d["type"] == "RandomCrop" else "size"] = (size, size)
         elif d.get("type") == "TimmViT":
             d["img_size"] = size
-    _walk(cfg.model, fix)
-    _walk(cfg.train_dataloader, fix)
-    _walk(cfg.test_pipeline, fix)
+    walk(cfg.model, fix)
+    walk(cfg.train_dataloader, fix)  # the test resize is the recipe's (seg_recipes.apply_recipe)
 
 
 def _set_classes(model: dict, n: int, ann_file: str, num_fed: int) -> None:
@@ -182,7 +170,7 @@ def _set_classes(model: dict, n: int, ann_file: str, num_fed: int) -> None:
             d["num_classes"] = n
         if d.get("type") == "FederatedLoss":
             d.update(ann_file=ann_file, num_fed_classes=num_fed)
-    _walk(model, fix)
+    walk(model, fix)
 
 
 def _set_pretrained(model: dict, pretrained: bool) -> None:
@@ -219,7 +207,7 @@ def build_config(name: str, task: str, converted: str | Path, run_dir: str | Pat
     dl.dataset.dataset.update(ann_file=str(ann), data_prefix=dict(img=str(Path(converted) / "train" / "img") + "/"),
                               metainfo=dict(classes=tuple(c["name"] for c in cats)))
     rcnn = cfg.model.train_cfg.rcnn
-    for stage in (rcnn if isinstance(rcnn, list) else [rcnn]):
+    for stage in stages(rcnn):
         stage.sampler.num = sc.rois_per_image
     cfg.train_cfg.max_iters = sc.iters
     apply_recipe(cfg, sc, world_size)  # augmentation, norms, heads, optimiser, schedule, AMP, test settings
