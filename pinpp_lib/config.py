@@ -90,7 +90,9 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
                 "lr": 0.02, "warmup_iters": 10, "rois_per_image": 64, "num_fed_classes": 15, "workers": 0,
                 "ckpt_every": 20, "log_every": 10, "seeds": (0, 1), "object_models": ("mask_rcnn_r50_fpn",), "device": "cpu",
                 "pseudo_model": "mask_rcnn_r50_fpn",  # full: §4.1's Swin-B (the rehearsal runs it)
-                "jobs": 2},
+                # 100 detections per image (the code's 300): an untrained smoke model fills every slot, and pasting
+                # and encoding 300 masks per image tripled notebooks 02-04; pycocotools scores 100 per image anyway
+                "max_dets": 100, "jobs": 2},
         # The smoke part model scores low after 60 iterations; at the default 0.5 it would paint nothing.
         "pseudo": {"batch_size": 8, "score_thr": 0.05},
         # Notebook 07: its own synthetic release with 20 classes (10 train / 5 val / 5 test; 5-way episodes need

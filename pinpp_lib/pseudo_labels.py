@@ -18,6 +18,7 @@ images/s; unreadable images are skipped and listed in `pseudo_report.txt`.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -74,11 +75,13 @@ def compose(pred, label_ids: list[int], depth: dict[int, int], shape: tuple[int,
 MANIFEST = "seg_pseudo_manifest.json"  # under <converted>/train: the identity the pseudo labels there belong to
 
 
-def identity(run: dict, conv: Path, pc: PseudoConfig) -> store.Identity:
+def identity(run: dict, conv: Path, pc: PseudoConfig, sc: segmentation.SegConfig | None = None) -> store.Identity:
     """What the pseudo labels depend on: the part model's weights, the global part ids (`parts.json`, the
-    values painted) and the thresholds. Images already labelled under the same identity are kept."""
+    values painted), the thresholds and the part model's test settings (resize, detections per image; `sc`).
+    Images already labelled under the same identity are kept."""
+    test = {} if sc is None else {"max_dets": sc.max_dets, "test_resize": [sc.test_short, sc.test_long]}
     return store.Identity("pseudo-labels", {"score_thr": pc.score_thr, "det_score_thr": pc.det_score_thr,
-                                            "variants": VARIANTS},
+                                            "variants": VARIANTS, **test},
                           {"model": run["sha256"], "parts": fileio.sha256_file(conv / "parts.json")})
 
 
@@ -116,11 +119,11 @@ def pseudo_label(run: dict, converted: str | Path, sc: segmentation.SegConfig, p
     """
     conv = Path(converted)
     dirs = {v: conv / "train" / d for v, d in SEG_DIRS.items()}
-    ident = identity(run, conv, pc)
+    ident = identity(run, conv, pc, sc)
     why = store.stale(conv / "train", ident, MANIFEST)
     if why:  # a day of GPU work per variant: refuse rather than relabel over it
         raise fileio.PinppError(f"{conv / 'train' / MANIFEST}: the pseudo labels there come from another part model, "
-                                f"part table or threshold ({why}); delete {conv / 'train'}/seg_pseudo_* and the "
+                                f"part table, threshold or test setting ({why}); delete {conv / 'train'}/seg_pseudo_* and the "
                                 "manifest to relabel")
     fileio.write_json(conv / "train" / MANIFEST, ident.record(), indent=1)  # written first: labels in progress are its
     n_real = sum(_link_real_labels(conv, d) for d in dirs.values()) // len(dirs)
@@ -137,8 +140,7 @@ def pseudo_label(run: dict, converted: str | Path, sc: segmentation.SegConfig, p
     items = [{"img_path": conv / "train" / "img" / rel, "img_id": i, "file_name": rel,
               "allowed_labels": allowed.get(classes[y], [])} for i, (rel, y) in enumerate(pending)]
 
-    model, _ = segmentation.load_model(run, sc.device)
-    model.roi_head.test_cfg["score_thr"] = pc.det_score_thr
+    model, _ = segmentation.load_model(run, sc.device, dataclasses.replace(sc, score_thr=pc.det_score_thr))
     records, skipped = [], []
     t0 = time.time()
     for it, preds, err in seg_eval.infer(model, items, pc.batch_size, VARIANTS, desc="pseudo labels"):

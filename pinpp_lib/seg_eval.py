@@ -158,12 +158,13 @@ def detections_path(run: dict, eval_task: str, split: str, variants: dict[str, d
 def detections(run: dict, converted: str | Path, split: str, eval_task: str, sc: segmentation.SegConfig,
                variants: dict[str, dict] | None = None, allowed: dict[str, list[int]] | None = None) -> dict[str, list[dict]]:
     """Per-detection records of a run on `<eval_task>_<split>.json`, per variant, cached in the run folder and
-    reused only for the same weights, benchmark file, filter and threshold (`store`); category ids are those of
+    reused only for the same weights, benchmark file, filter and test settings (`store`); category ids are those of
     the evaluated file, matched by name."""
     variants = variants or PLAIN
     gt_file = segmentation.annotation_file(converted, eval_task, split)
     cache = detections_path(run, eval_task, split, variants)
-    settings = {"variants": variants, "score_thr": sc.score_thr, "allowed": allowed}
+    settings = {"variants": variants, "score_thr": sc.score_thr, "allowed": allowed, "max_dets": sc.max_dets,
+                "test_resize": [sc.test_short, sc.test_long]}
     if sc.eval_images:
         settings["eval_images"] = sc.eval_images
     ident = store.Identity("detections", settings,
@@ -174,8 +175,7 @@ def detections(run: dict, converted: str | Path, split: str, eval_task: str, sc:
     gt_cats = {c["name"]: c["id"] for c in segmentation.categories(gt_file)}
     # label → category id of the evaluated file; -1 = a category that file does not score (dropped)
     cat_ids = [gt_cats.get(name, -1) for name in run["classes"]]
-    model, _ = segmentation.load_model(run, sc.device)
-    model.roi_head.test_cfg["score_thr"] = sc.score_thr
+    model, _ = segmentation.load_model(run, sc.device, sc)
     items = benchmark_items(gt_file, Path(converted) / "train" / "img", sc.eval_images)
     for it in items:
         if allowed is not None:

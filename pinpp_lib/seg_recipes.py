@@ -70,8 +70,6 @@ def apply_recipe(cfg: Any, sc: Any, world_size: int = 1) -> None:
         head.prior_prob = sc.cls_prior
     if sc.box_head == "4conv1fc":
         model.roi_head.mask_head.norm_cfg = norm
-    for stage in stages(model.test_cfg.rcnn):
-        stage.update(score_thr=sc.score_thr, max_per_img=sc.max_dets)
     # augmentation
     if sc.augment == "resize_shortest":
         pipeline = cfg.train_dataloader.dataset.dataset.pipeline
@@ -82,10 +80,7 @@ def apply_recipe(cfg: Any, sc: Any, world_size: int = 1) -> None:
         if "train_pipeline" in cfg:  # the config file's own copy: the saved config.py shows what ran
             cfg.train_pipeline = keep
         model.data_preprocessor.batch_augments = None  # LSJ's fixed-size padding only
-    def test_resize(d: dict) -> None:
-        if d.get("type") == "Resize":
-            d.update(scale=(sc.test_long, sc.test_short), keep_ratio=True)
-    walk(cfg.test_pipeline, test_resize)
+    apply_test(cfg, sc)
     # optimiser and schedule
     cfg.optim_wrapper.optimizer.update(lr=sc.lr, weight_decay=sc.weight_decay)
     cfg.optim_wrapper.paramwise_cfg = dict(norm_decay_mult=sc.norm_decay)
@@ -95,6 +90,20 @@ def apply_recipe(cfg: Any, sc: Any, world_size: int = 1) -> None:
     warm, steps = cfg.param_scheduler
     warm.update(start_factor=sc.warmup_factor, end=min(sc.warmup_iters, sc.iters))
     steps.update(end=sc.iters, milestones=[round(f * sc.iters) for f in sc.lr_steps])
+
+
+def apply_test(cfg: Any, sc: Any) -> None:
+    """Set the test-time fields of `sc` on a config: resize, score threshold, detections per image.
+
+    They are not part of a training run's identity: `segmentation.load_model(run, device, sc)` applies them to a
+    finished run, so the same weights are scored under another test setting without retraining."""
+    for stage in stages(cfg.model.test_cfg.rcnn):
+        stage.update(score_thr=sc.score_thr, max_per_img=sc.max_dets)
+
+    def test_resize(d: dict) -> None:
+        if d.get("type") == "Resize":
+            d.update(scale=(sc.test_long, sc.test_short), keep_ratio=True)
+    walk(cfg.test_pipeline, test_resize)
 
 
 def recipe_note(sc: Any) -> str:

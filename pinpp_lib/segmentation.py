@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Iterator
 
 import torch
 
-from . import checkpoint, distributed, fileio, jobs, store
+from . import checkpoint, distributed, fileio, jobs, seg_recipes, store
 from .checks import Checked, Rule, above, all_of, at_least, between, device_name, each, one_of, ordered
 from .fileio import PinppError
 from .seg_recipes import RECIPES, apply_recipe, stages, walk
@@ -264,11 +264,11 @@ def _run(name: str, task: str, converted: str | Path, work: str | Path, sc: SegC
 
 
 def _identity(name: str, task: str, seed: int, sc: SegConfig, ann_file: Path) -> store.Identity:
-    """What makes two runs the same run: the config, task, seed, settings (not the device or loader workers)
-    and the bytes of the training file."""
+    """What makes two runs the same run: the config, task, seed, training settings (not the device, loader workers
+    or test-time settings, which `load_model` applies) and the bytes of the training file."""
     d = {k: v for k, v in dataclasses.asdict(sc).items()
          if k not in ("recipe", "models", "object_models", "pseudo_model", "seeds", "workers", "device", "test_batch", "score_thr",
-                       "max_dets", "log_every", "eval_images", "jobs")}
+                       "max_dets", "test_short", "test_long", "log_every", "eval_images", "jobs")}
     return store.Identity("seg-train", {"config": name, "task": task, "seed": seed, "seg": d, "train_file": ann_file.name},
                           {"train_file": fileio.sha256_file(ann_file)})
 
@@ -343,8 +343,11 @@ def train(name: str, task: str, converted: str | Path, work: str | Path, sc: Seg
     return result if rank == 0 else store.read(out)
 
 
-def load_model(run: str | Path | dict, device: str = "cpu"):
-    """The trained model of a finished run (eval mode) and its config; the weights' sha256 is checked."""
+def load_model(run: str | Path | dict, device: str = "cpu", sc: SegConfig | None = None):
+    """The trained model of a finished run (eval mode) and its config; the weights' sha256 is checked.
+
+    `sc`: test at its resize, score threshold and detections per image (`seg_recipes.apply_test`); None: as the run's
+    saved config says (what it was trained with)."""
     out = Path(run["out"]) if isinstance(run, dict) else Path(run)
     info = fileio.read_json(out / "done.json", "finished segmentation run", "train it first (`pinpp seg-train`)")
     from mmengine.config import Config
@@ -353,6 +356,8 @@ def load_model(run: str | Path | dict, device: str = "cpu"):
     from . import seg_models  # noqa: F401  (registers the kit's modules)
     init_default_scope("mmdet")
     cfg = Config.fromfile(str(out / "config.py"))
+    if sc is not None:
+        seg_recipes.apply_test(cfg, sc)
     _set_pretrained(cfg.model, False)  # the weights come from the run, not from ImageNet
     model = MODELS.build(cfg.model)
     state = checkpoint.load(out / info["weights"], info["sha256"])

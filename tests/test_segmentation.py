@@ -2,6 +2,7 @@
 pseudo-label composition, COCO evaluation, and a real 1-iteration train + eval of every config."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -549,6 +550,17 @@ def test_finished_runs_and_detections_follow_their_inputs(converted, tmp_path):
     val.write_text(json.dumps(coco))
     seg_eval.detections(again, conv, "val", "parts", cfg)
     assert json.loads(cache.read_text())["images"] == 1  # recomputed on the edited file
+    # test-time settings: applied to the finished run at load (no retraining), and part of the detections' identity
+    few = dataclasses.replace(cfg, max_dets=2, score_thr=0.0, test_short=40, test_long=60)
+    assert segmentation.finished("mask_rcnn_r50_fpn", "parts", conv, tmp_path / "work", few, 0)["sha256"] == run["sha256"]
+    model, _ = segmentation.load_model(again, "cpu", few)
+    assert model.roi_head.test_cfg["max_per_img"] == 2 and model.roi_head.test_cfg["score_thr"] == 0.0
+    assert [t["scale"] for t in model.cfg.test_pipeline if t["type"] == "Resize"] == [(60, 40)]
+    per_image = collections.Counter(d["image_id"] for d in seg_eval.detections(again, conv, "val", "parts", few)["plain"])
+    assert per_image and max(per_image.values()) <= 2
+    many = dataclasses.replace(few, max_dets=300)
+    per_image = collections.Counter(d["image_id"] for d in seg_eval.detections(again, conv, "val", "parts", many)["plain"])
+    assert max(per_image.values()) > 2  # the cache of `few` was not reused
     train_file = conv / "seg_benchmark" / "parts_train.json"
     train_file.write_text(train_file.read_text().replace('"iscrowd": 0', '"iscrowd":0'))
     with pytest.raises(PinppError, match=r"another configuration or training file \(changed: input 'train_file'\)"):
