@@ -225,6 +225,21 @@ def _cmd_seg_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_few_shot(a: argparse.Namespace) -> int:
+    from . import few_shot, few_shot_data, prepare, release
+    from .config import resolve
+    s = resolve(a.profile, data_root=a.data_root, overrides={"few_shot": _parse_sets(a.set)})  # the recipe applies here
+    fs = s.few_shot
+    rel_dir, images = prepare.few_shot_source(s)
+    samples = few_shot_data.part_samples(release.load_release(rel_dir), images, min_per_class=max(fs.shots) + fs.n_query)
+    records, _ = few_shot.run(samples, fs, s.paths.work("few_shot", a.work))  # as notebook 07 (map_jobs sets threads)
+    for shot in fs.shots:
+        for r in few_shot.summary_table(records, shot, fs.ci_group).to_dict("records"):
+            print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}))
+    print(few_shot.recipe_note(fs))
+    return 0
+
+
 def _cmd_pseudo(a: argparse.Namespace) -> int:
     from . import pseudo_labels, segmentation
     s, sc = _seg_settings(a)
@@ -318,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     ic.set_defaults(fn=_cmd_imagenet_c)
 
     for name, fn, text in (("seg-train", _cmd_seg_train, "train one segmentation-benchmark model (mmdet; also under torchrun)"),
-                           ("seg-eval", _cmd_seg_eval, "mask/box AP of a trained segmentation run (pycocotools)"),
+                           ("seg-eval", _cmd_seg_eval, "mask/box AP of a trained segmentation run (pycocotools and LVIS)"),
                            ("pseudo-label", _cmd_pseudo, "write pseudo part labels (w/ and w/o the Category Filter)")):
         sp = sub.add_parser(name, help=text)
         sp.add_argument("--profile", default="smoke", choices=PROFILES)
@@ -340,6 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--limit", type=int, help="label only the first N unlabelled images (a dry run)")
             sp.add_argument("--shard", default="0/1", help="K/N: this process labels every N-th image from the K-th "
                                                            "(one process per GPU: CUDA_VISIBLE_DEVICES=K ... --shard K/N)")
+
+    fp = sub.add_parser("few-shot", help="train and score the four few-shot models of Tables 11/12 (notebook 07's job)")
+    fp.add_argument("--profile", default="smoke", choices=PROFILES)
+    fp.add_argument("--data-root")
+    fp.add_argument("--work", help="folder of the models and stored episodes (default <data-root>/runs/few_shot)")
+    fp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a FewShotConfig field, e.g. recipe=authors_code")
+    fp.set_defaults(fn=_cmd_few_shot)
 
     io = sub.add_parser("import-official", help="one of the authors' released checkpoints as a kit run folder "
                                                  "(eval-aa, notebooks 05/06 read it)")

@@ -4,7 +4,8 @@ Four models: {Meta-Baseline, DeepEMD} × {object, object+part}. Each starts with
 pre-training on the training classes (Meta-Baseline's stage 1; DeepEMD's pre-training), then
 meta-training on episodes of the training classes for each shot setting, then evaluation on the
 stored test episodes (same episodes for every model). Per-episode records → mean accuracy and the
-95% interval (1.96 · std / √episodes), as the few-shot literature reports.
+95% interval as the authors' test script computes it (Student t over test batches of 4 episodes, `interval`).
+`recipe` picks the paper's part model (M branches, convex weights) or the code's (one crop, p-mix; RECIPES).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import checkpoint, fileio, jobs, plots, store
-from .checks import Checked, Rule, above, at_least, device_name, each
+from .checks import Checked, Rule, above, at_least, between, device_name, each, one_of
 from .few_shot_data import PartImageDataset, Sample, class_split, draw_episodes, episodes
 from .synthetic import SynthConfig
 from .few_shot_models import FewShotNet, centroid_scores, emd_scores
@@ -31,11 +32,24 @@ METHODS = {"Meta-Baseline": "meta_baseline", "DeepEMD": "deepemd"}
 VARIANTS = ("object", "object+part")
 
 
+# Where the paper's text (§6) and the authors' code differ (docs/FIDELITY.md, §6); `config.resolve` applies
+# RECIPES[recipe] before the profile's and the user's overrides. Where the paper is silent both follow the code.
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {},                                  # M = 3 part branches, weights normalised to sum 1
+    "authors_code": {"mix": "p", "m_parts": 1},   # one part crop, their CNN, p · image + (1 − p) · part, p from 0
+}
+
+
 @dataclass
 class FewShotConfig(Checked):
-    """Defaults: the authors' setting (ResNet-12, 80 px Meta-Baseline / 84 px DeepEMD, 900 train classes, M = 3)."""
+    """Defaults: the paper's §6 and, where it is silent, the authors' code (LixiaoTHU/PartImageNetPP @e132f50,
+    `Benchmark/fewshot/metabaseline`: configs/train_classifier_pinpp.yaml, train_meta_pinpp.yaml, test_few_shot.py;
+    `Benchmark/fewshot/deepemd/Models/models/resnet.py`)."""
+    recipe: str = "paper"              # "paper" | "authors_code" (RECIPES; resolved in config)
+    mix: str = "convex"                # "convex": M branches, softmax weights | "p": the code's p · image + (1 − p) · part
     split: tuple[int, int, int] = (900, 50, 50)
-    channels: tuple[int, ...] = (64, 160, 320, 640)
+    channels: tuple[int, ...] = (64, 128, 256, 512)          # Meta-Baseline's `resnet12` (the code's encoder)
+    channels_deepemd: tuple[int, ...] = (64, 160, 320, 640)  # DeepEMD's ResNet-12
     branch_channels: tuple[int, ...] = (64, 128, 256)
     size_meta_baseline: int = 80
     size_deepemd: int = 84
@@ -46,24 +60,30 @@ class FewShotConfig(Checked):
     n_query: int = 15
     pretrain_epochs: int = 100
     pretrain_lr: float = 0.1
+    pretrain_milestones: tuple[float, ...] = (0.9,)  # fractions of the epochs, lr × 0.1 each (code: milestones [90] of 100)
     batch_size: int = 128
     weight_decay: float = 5e-4
-    meta_episodes: int = 2000          # meta-training episodes per model and shot
+    meta_shot: int = 5                 # meta-train once at this shot, test every shot with it (code); 0: at each shot
+    meta_episodes: int = 4000          # code: 20 epochs × 200 batches of one episode
     meta_lr: float = 0.001
-    eval_episodes: int = 1000
+    eval_episodes: int = 8000          # code: 10 test epochs × 200 batches × 4 episodes
+    ci_group: int = 4                  # episodes per test batch: the interval is Student t over batch accuracies (code)
     workers: int = 4
-    max_steps: int = 0                 # rehearsal: stop pre-training after this many steps (cosine kept at full length); 0: no cap
+    max_steps: int = 0                 # rehearsal: stop pre-training after this many steps (schedule kept at full length); 0: no cap
     jobs: int = 1                      # method/regions pairs trained at once, one CPU thread each (smoke); 1: in turn
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     synth: SynthConfig | None = None   # a synthetic release to use instead of the real one (smoke)
     LIMITS: ClassVar[dict[str, Rule]] = {
-        "split": each(at_least(0)), "channels": each(at_least(1)), "branch_channels": each(at_least(1)),
+        "recipe": one_of(*RECIPES), "mix": one_of("convex", "p"),
+        "split": each(at_least(0)), "channels": each(at_least(1)), "channels_deepemd": each(at_least(1)),
+        "branch_channels": each(at_least(1)),
         "size_meta_baseline": at_least(8), "size_deepemd": at_least(8), "m_parts": at_least(0), "emd_regions": at_least(1),
         "n_way": at_least(2), "shots": each(at_least(1)), "n_query": at_least(1), "pretrain_epochs": at_least(0),
-        "pretrain_lr": above(0), "batch_size": at_least(1), "weight_decay": at_least(0), "meta_episodes": at_least(0),
-        "meta_lr": above(0), "eval_episodes": at_least(1), "workers": at_least(0), "max_steps": at_least(0), "jobs": at_least(1),
-        "seed": at_least(0), "device": device_name}
+        "pretrain_lr": above(0), "pretrain_milestones": each(between(0, 1)), "batch_size": at_least(1),
+        "weight_decay": at_least(0), "meta_shot": at_least(0), "meta_episodes": at_least(0),
+        "meta_lr": above(0), "eval_episodes": at_least(1), "ci_group": at_least(1), "workers": at_least(0),
+        "max_steps": at_least(0), "jobs": at_least(1), "seed": at_least(0), "device": device_name}
 
 
 def _regions(method: str, variant: str, cfg: FewShotConfig) -> int:
@@ -83,8 +103,10 @@ def datasets(samples: list[Sample], cfg: FewShotConfig, method: str, variant: st
 
 
 def build(method: str, variant: str, cfg: FewShotConfig) -> FewShotNet:
-    return FewShotNet(cfg.channels, cfg.m_parts if (method == "meta_baseline" and variant == "object+part") else 0,
-                      cfg.branch_channels)
+    if method == "deepemd":
+        return FewShotNet(cfg.channels_deepemd)
+    return FewShotNet(cfg.channels, cfg.m_parts if variant == "object+part" else 0, cfg.branch_channels, cfg.mix,
+                      cfg.size_meta_baseline)
 
 
 def _features(model: FewShotNet, method: str, x: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
@@ -92,7 +114,8 @@ def _features(model: FewShotNet, method: str, x: torch.Tensor, parts: torch.Tens
 
 
 def pretrain(model: FewShotNet, ds: PartImageDataset, cfg: FewShotConfig, method: str) -> None:
-    """Stage 1: a linear classifier over the training classes on the (mixed) feature; SGD, cosine lr."""
+    """Stage 1: a linear classifier over the training classes on the (mixed) feature; SGD momentum 0.9, lr × 0.1 at
+    each milestone epoch (the code's MultiStepLR, stepped per epoch)."""
     dev = torch.device(cfg.device)
     head = nn.Linear(model.out_dim, len(ds.labels)).to(dev)
     model.to(dev).train()
@@ -100,7 +123,7 @@ def pretrain(model: FewShotNet, ds: PartImageDataset, cfg: FewShotConfig, method
     opt = torch.optim.SGD(params, lr=cfg.pretrain_lr, momentum=0.9, weight_decay=cfg.weight_decay)
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
                         generator=torch.Generator().manual_seed(cfg.seed), drop_last=len(ds) > cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.pretrain_epochs * len(loader)))
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones(cfg), gamma=0.1)
     steps = 0
     for _ in tqdm(range(cfg.pretrain_epochs), desc="pre-training", leave=False):
         for x, parts, y in loader:
@@ -114,7 +137,12 @@ def pretrain(model: FewShotNet, ds: PartImageDataset, cfg: FewShotConfig, method
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+        sched.step()
+
+
+def milestones(cfg: FewShotConfig) -> list[int]:
+    """The pre-training epochs after which the lr drops × 0.1 (90 of 100 in the code)."""
+    return [round(f * cfg.pretrain_epochs) for f in cfg.pretrain_milestones]
 
 
 def _episode_logits(model: FewShotNet, method: str, ds: Any, ep: dict[str, Any], n_way: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +174,7 @@ def meta_train(model: FewShotNet, ds: PartImageDataset, cfg: FewShotConfig, meth
 
 # Settings that do not change a trained model (evaluation, loader workers, device, the synthetic source —
 # whose samples are an input of their own).
-_NOT_TRAINING = ("eval_episodes", "workers", "device", "shots", "synth", "jobs")
+_NOT_TRAINING = ("recipe", "eval_episodes", "ci_group", "workers", "device", "shots", "synth", "jobs")
 
 
 def train_model(samples: list[Sample], cfg: FewShotConfig, method: str, variant: str, shot: int,
@@ -203,12 +231,33 @@ def evaluate(model: FewShotNet, samples: list[Sample], cfg: FewShotConfig, metho
     return out
 
 
-def summary_table(records: pd.DataFrame, shot: int) -> pd.DataFrame:
-    """Mean accuracy (%) ± 95% interval per method and variant for one shot setting."""
+def recipe_note(cfg: FewShotConfig) -> str:
+    """Which recipe a Table 11/12 number was trained with, for the tables' notes."""
+    part = (f"M = {cfg.m_parts} part branches, weights normalised to sum 1" if cfg.mix == "convex"
+            else f"{cfg.m_parts} part crop through the authors' CNN, p · image + (1 − p) · part")
+    meta = f"meta-trained once at {cfg.meta_shot}-shot" if cfg.meta_shot else "meta-trained at each shot"
+    return (f"Recipe: {cfg.recipe} (Meta-Baseline object+part: {part}; {meta}; interval: Student t over test batches "
+            f"of {cfg.ci_group} episodes); the other recipe: few_shot.recipe="
+            f"{'authors_code' if cfg.recipe == 'paper' else 'paper'} (docs/FIDELITY.md, §6).")
+
+
+def interval(acc: np.ndarray, group: int) -> float:
+    """The 95% interval of the mean as the code's `mean_confidence_interval`: Student t over the accuracies of
+    consecutive groups of `group` episodes (a test batch: 4), sem · t(0.975, n − 1); NaN under two full groups."""
+    import scipy.stats
+    n = len(acc) // group
+    if n < 2:
+        return np.nan
+    batches = acc[:n * group].reshape(n, group).mean(1)
+    return float(scipy.stats.sem(batches) * scipy.stats.t.ppf(0.975, n - 1))
+
+
+def summary_table(records: pd.DataFrame, shot: int, ci_group: int = 4) -> pd.DataFrame:
+    """Mean accuracy (%) ± 95% interval (`interval`) per method and variant for one shot setting."""
     rows = []
     for (method, variant), g in records[records.shot == shot].groupby(["method", "variant"], sort=False):
-        acc = 100 * g["accuracy"].to_numpy()
-        ci = 1.96 * acc.std(ddof=1) / np.sqrt(len(acc)) if len(acc) > 1 else np.nan
+        acc = 100 * g.sort_values("episode")["accuracy"].to_numpy()
+        ci = interval(acc, ci_group)
         rows.append({"method": method, "regions": variant, f"{shot}-shot accuracy": acc.mean(), "± 95% CI": ci,
                      "episodes": len(acc)})
     return pd.DataFrame(rows)
@@ -257,7 +306,7 @@ def _run_pair(samples: list[Sample], cfg: FewShotConfig, name: str, method: str,
     """One method and regions variant at every shot: (per-episode records, branch weights)."""
     records, weights = [], []
     for shot in cfg.shots:
-        model = train_model(samples, cfg, method, variant, shot, work)
+        model = train_model(samples, cfg, method, variant, cfg.meta_shot or shot, work)  # trained once if meta_shot
         recs = evaluate(model, samples, cfg, method, variant, shot, work / f"test_episodes_{shot}shot.json")
         records += [{"method": name, "variant": variant, **r} for r in recs]
         if len(model.branches):

@@ -3,10 +3,11 @@
     Meta-Baseline (Chen et al.)  a classifier-pre-trained encoder; an episode scores a query by the
                                  cosine similarity to each class centroid of the support features, times
                                  a learnable temperature.
-    object+part                  M part branches (Conv3×3–ReLU–MaxPool stacks, independent weights) on
-                                 the M part crops; the feature is a learned convex combination (softmax
+    object+part                  the paper: M part branches (Conv3×3–ReLU–MaxPool stacks, independent weights)
+                                 on the M part crops; the feature is a learned convex combination (softmax
                                  weights, so they are positive and sum to 1) of the image feature and the
-                                 M part features — the weights are reported.
+                                 M part features — the weights are reported. The authors' code: one part
+                                 crop through their CNN, mixed as p · image + (1 − p) · part (`mix="p"`).
     DeepEMD (Zhang et al.)       each image is a set of region features (random patches = object; part
                                  boxes = object+part); a query and a class are compared by the earth mover's
                                  distance between their sets with cross-reference weights, solved exactly
@@ -71,14 +72,46 @@ class PartBranch(nn.Sequential):
         return super().forward(normalise(x)).mean((2, 3))
 
 
-class FewShotNet(nn.Module):
-    """Encoder (+ M part branches mixed by learned convex weights). `forward(x, parts)` → (B, D) features."""
+class AuthorsPartCNN(nn.Module):
+    """The part encoder of the authors' Meta-Baseline (`models/resnet12.py`, class `CNN`): two stages of
+    2 × (Conv3×3 – BN – ReLU) + MaxPool 2 (64, 128 channels), then an MLP 256 – 256 – D with ReLU and dropout 0.5
+    (its first layer takes 128 · (size/4)²: 51,200 at their 80 px)."""
 
-    def __init__(self, channels: tuple[int, ...], m_parts: int = 0, branch_channels: tuple[int, ...] = (32, 64, 128)):
+    def __init__(self, size: int, out_dim: int):
         super().__init__()
+        layers: list[nn.Module] = []
+        for a, b in ((3, 64), (64, 128)):
+            layers += [nn.Conv2d(a, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU(),
+                       nn.Conv2d(b, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU(), nn.MaxPool2d(2)]
+        self.convs = nn.Sequential(*layers)
+        self.mlp = nn.Sequential(nn.Linear(128 * (size // 4) ** 2, 256), nn.ReLU(), nn.Dropout(0.5),
+                                 nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.5), nn.Linear(256, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.convs(normalise(x)).flatten(1))
+
+
+class FewShotNet(nn.Module):
+    """Encoder (+ part networks on part crops, mixed with the image feature). `forward(x, parts)` → (B, D).
+
+    mix="convex" (the paper): M `PartBranch`es, feature = Σ w_i f_i over (image, part 1..M) with w = softmax of
+    learned logits (positive, summing to 1; equal at the start).
+    mix="p" (the authors' code): one `AuthorsPartCNN` on one part crop, feature = p · f_image + (1 − p) · f_part
+    with one unconstrained learnable scalar p, 0 at the start (their `ResNet12.forward`)."""
+
+    def __init__(self, channels: tuple[int, ...], m_parts: int = 0, branch_channels: tuple[int, ...] = (32, 64, 128),
+                 mix: str = "convex", size: int = 80):
+        super().__init__()
+        if mix not in ("convex", "p"):
+            raise ValueError(f"mix={mix!r}: 'convex' or 'p'")
+        self.mix = mix
         self.encoder = ResNet12(channels)
-        self.branches = nn.ModuleList(PartBranch(tuple(branch_channels) + (channels[-1],)) for _ in range(m_parts))
-        self.mix_logits = nn.Parameter(torch.zeros(m_parts + 1))  # equal weights at the start
+        if mix == "p" and m_parts:
+            self.branches = nn.ModuleList([AuthorsPartCNN(size, channels[-1])])
+            self.p = nn.Parameter(torch.tensor(0.0))
+        else:
+            self.branches = nn.ModuleList(PartBranch(tuple(branch_channels) + (channels[-1],)) for _ in range(m_parts))
+            self.mix_logits = nn.Parameter(torch.zeros(m_parts + 1))  # equal weights at the start
         self.temperature = nn.Parameter(torch.tensor(10.0))       # Meta-Baseline's learnable τ
 
     @property
@@ -86,8 +119,8 @@ class FewShotNet(nn.Module):
         return self.encoder.out_dim
 
     def mix_weights(self) -> torch.Tensor:
-        """Weights of (image, part 1, ..., part M): positive, summing to 1."""
-        return self.mix_logits.softmax(0)
+        """Weights of (image, part 1, ..., part M): convex (positive, summing to 1), or (p, 1 − p)."""
+        return torch.stack([self.p, 1 - self.p]) if self.mix == "p" else self.mix_logits.softmax(0)
 
     def forward(self, x: torch.Tensor, parts: torch.Tensor | None = None) -> torch.Tensor:
         f = self.encoder(x)

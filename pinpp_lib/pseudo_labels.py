@@ -79,7 +79,8 @@ def identity(run: dict, conv: Path, pc: PseudoConfig, sc: segmentation.SegConfig
     """What the pseudo labels depend on: the part model's weights, the global part ids (`parts.json`, the
     values painted), the thresholds and the part model's test settings (resize, detections per image; `sc`).
     Images already labelled under the same identity are kept."""
-    test = {} if sc is None else {"max_dets": sc.max_dets, "test_resize": [sc.test_short, sc.test_long]}
+    test = {} if sc is None else {"max_dets": sc.max_dets, "test_resize": [sc.test_short, sc.test_long],
+                                  "rpn_test_proposals": sc.rpn_test_proposals}
     return store.Identity("pseudo-labels", {"score_thr": pc.score_thr, "det_score_thr": pc.det_score_thr,
                                             "variants": VARIANTS, **test},
                           {"model": run["sha256"], "parts": fileio.sha256_file(conv / "parts.json")})

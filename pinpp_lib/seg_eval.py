@@ -4,7 +4,8 @@
                    once per requested variant (plain, Category Filter, one label per RoI)
     evaluate_run   a finished run on a benchmark split: detections (per-detection records, COCO
                    results JSON in the run folder) → pycocotools COCOeval, mask and box AP / AP50
-                   (COCO 0.5:0.95, area all, 100 detections) and per-category AP records
+                   (COCO 0.5:0.95, area all, 100 detections; the paper's numbers) and the authors' LVIS
+                   evaluation (`seg_lvis`: 300 detections, object/part AP), per-category AP records of both
     table9/10      the tables; Table 10 is object-only vs object+part training, evaluated on objects
 
 Categories are matched by name between a model's training file and the evaluated file, so an
@@ -25,7 +26,7 @@ import torch
 from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
-from . import fileio, jobs, plots, segmentation, store
+from . import fileio, jobs, plots, seg_lvis, segmentation, store
 from .segmentation import CONFIGS
 
 IOU_TYPES = {"segm": "mask", "bbox": "box"}
@@ -164,7 +165,7 @@ def detections(run: dict, converted: str | Path, split: str, eval_task: str, sc:
     gt_file = segmentation.annotation_file(converted, eval_task, split)
     cache = detections_path(run, eval_task, split, variants)
     settings = {"variants": variants, "score_thr": sc.score_thr, "allowed": allowed, "max_dets": sc.max_dets,
-                "test_resize": [sc.test_short, sc.test_long]}
+                "test_resize": [sc.test_short, sc.test_long], "rpn_test_proposals": sc.rpn_test_proposals}
     if sc.eval_images:
         settings["eval_images"] = sc.eval_images
     ident = store.Identity("detections", settings,
@@ -202,6 +203,9 @@ def evaluate_run(run: dict, converted: str | Path, split: str, eval_task: str, s
     rows, per_cat = [], []
     key = {"config": run["config"], "model": CONFIGS[run["config"]], "trained on": run["task"], "seed": run["seed"],
            "evaluated on": f"{eval_task}_{split}"}
+    gt = fileio.read_json(gt_file, "COCO annotation file", "re-run `pinpp convert`")
+    train_file = segmentation.annotation_file(converted, eval_task, "train")
+    train = fileio.read_json(train_file, "COCO annotation file", "re-run `pinpp convert`") if train_file.exists() else None
     for v, d in dets.items():
         row = {**key, "variant": v, "detections": len(d)}
         for iou, label in IOU_TYPES.items():
@@ -209,27 +213,35 @@ def evaluate_run(run: dict, converted: str | Path, split: str, eval_task: str, s
                                                                           for e in d], iou, ids)
             row[f"{label} AP"], row[f"{label} AP50"] = summary["AP"], summary["AP50"]
             per_cat.append(per.assign(**key, variant=v, metric=label))
+            # the authors' code: LVIS evaluation (300 detections per image), object/part AP by supercategory
+            lv, lper = seg_lvis.lvis_evaluate(gt, d, iou, ids, neg=sc.lvis_neg, train=train, index=sc.lvis_index)
+            row[f"{label} AP (LVIS)"], row[f"{label} AP50 (LVIS)"] = lv["AP"], lv["AP50"]
+            row[f"{label} object AP (LVIS)"], row[f"{label} part AP (LVIS)"] = lv["object AP"], lv["part AP"]
+            names = {c["id"]: c["name"] for c in gt["categories"]}
+            per_cat.append(lper.assign(category=[names[c] for c in lper.category_id], **key, variant=v,
+                                       metric=f"{label} (LVIS)"))
         rows.append(row)
     return rows, pd.concat(per_cat, ignore_index=True)
 
 
-METRICS = ["mask AP", "mask AP50", "box AP", "box AP50"]
+METRICS = ["mask AP", "mask AP50", "box AP", "box AP50"]  # pycocotools, COCO-style (the paper's numbers)
+LVIS_METRICS = ["mask AP (LVIS)", "mask AP50 (LVIS)", "box AP (LVIS)", "box AP50 (LVIS)"]  # the authors' evaluator
 
 
 def table9(rows: pd.DataFrame) -> pd.DataFrame:
-    """Part segmentation: mask and box AP/AP50 (%) per model (mean over seeds)."""
+    """Part segmentation: mask and box AP/AP50 (%) per model (mean over seeds), pycocotools and LVIS."""
     g = rows.groupby("model", sort=False)
-    return g[METRICS].mean().reset_index().assign(seeds=g.size().to_numpy())
+    return g[METRICS + LVIS_METRICS].mean().reset_index().assign(seeds=g.size().to_numpy())
 
 
 def table10(rows: pd.DataFrame) -> pd.DataFrame:
     """Object segmentation: object-only vs object+part training, both scored on objects; the delta
     (object+part − object-only) per metric, with its standard deviation over seeds when there are several."""
-    piv = rows.pivot_table(index=["model", "seed"], columns="trained on", values=METRICS, sort=False)
+    piv = rows.pivot_table(index=["model", "seed"], columns="trained on", values=METRICS + LVIS_METRICS, sort=False)
     out = []
     for model, df in piv.groupby(level=0, sort=False):
         r: dict[str, Any] = {"model": model}
-        for m in ("mask AP", "box AP", "mask AP50"):
+        for m in ("mask AP", "box AP", "mask AP50", "mask AP (LVIS)"):
             obj, both = df[(m, "objects")], df[(m, "objects+parts")]
             delta = both - obj
             r[f"{m} object-only"], r[f"{m} object+part"] = obj.mean(), both.mean()

@@ -17,7 +17,7 @@ fields into the mmdet config so that each detectron2 choice has its mmdet equiva
     optimiser        SGD momentum 0.9, lr, weight decay 4e-5, none on normalisation layers (weight_decay_norm = 0)
     schedule         linear warm-up from warmup_factor over warmup_iters, ×0.1 at lr_steps
     amp              AMPTrainer (fp16 autocast + loss scaling) on CUDA; mmengine has no CPU AMP, so CPU runs are fp32
-    test             score threshold 0.001, 300 detections per image
+    test             1000 proposals after the RPN's NMS, score threshold 0.001, 300 detections per image
 
 `RECIPES[recipe]` holds the fields where the paper and the code differ; `config.resolve` applies it before the
 profile's and the user's overrides. Nothing else reads `SegConfig.recipe`.
@@ -93,12 +93,13 @@ def apply_recipe(cfg: Any, sc: Any, world_size: int = 1) -> None:
 
 
 def apply_test(cfg: Any, sc: Any) -> None:
-    """Set the test-time fields of `sc` on a config: resize, score threshold, detections per image.
+    """Set the test-time fields of `sc` on a config: resize, proposals, score threshold, detections per image.
 
     They are not part of a training run's identity: `segmentation.load_model(run, device, sc)` applies them to a
     finished run, so the same weights are scored under another test setting without retraining."""
     for stage in stages(cfg.model.test_cfg.rcnn):
         stage.update(score_thr=sc.score_thr, max_per_img=sc.max_dets)
+    cfg.model.test_cfg.rpn.max_per_img = sc.rpn_test_proposals
 
     def test_resize(d: dict) -> None:
         if d.get("type") == "Resize":
@@ -114,4 +115,6 @@ def recipe_note(sc: Any) -> str:
     return (f"Recipe: {sc.recipe} ({aug}, tested at {sc.test_short}/{sc.test_long}; {init}, {sc.norm}, {sc.box_head} box head, "
             f"{sc.rois_per_image} RoIs/image, {sc.iters} iterations, width ×{sc.width:g}); the other recipe: "
             f"seg.recipe={'authors_code' if sc.recipe == 'paper' else 'paper'} (docs/FIDELITY.md, §5). "
-            "AP: pycocotools, COCO-style (100 detections per image).")
+            "AP: pycocotools, COCO-style (100 detections per image; the paper's numbers); '(LVIS)' columns: the "
+            f"authors' PACO/LVIS evaluator (300 detections per image, negatives '{sc.lvis_neg}', seg.lvis_neg; "
+            "docs/FIDELITY.md, §5).")

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Iterator
 
 import torch
 
-from . import checkpoint, distributed, fileio, jobs, seg_recipes, store
+from . import checkpoint, distributed, fileio, jobs, seg_lvis, seg_recipes, store
 from .checks import Checked, Rule, above, all_of, at_least, between, device_name, each, one_of, ordered
 from .fileio import PinppError
 from .seg_recipes import RECIPES, apply_recipe, stages, walk
@@ -84,7 +84,10 @@ class SegConfig(Checked):
     test_batch: int = 8
     score_thr: float = 0.001     # test_score_thresh of the authors' box predictors
     max_dets: int = 300          # test_topk_per_image (detections kept per image)
+    rpn_test_proposals: int = 1000  # proposals per image after the RPN's NMS at test (detectron2 post_nms_topk[1])
     eval_images: int = 0         # rehearsal: score the first N images of a split only; 0: all
+    lvis_neg: str = "absent"     # the LVIS evaluation's negatives per image (seg_lvis): "absent" | "none"
+    lvis_index: str = "position"  # its per-category AP: "position" | "id" (the authors' literal indexing, seg_lvis)
     jobs: int = 1                # runs trained (and scored) at once, one CPU thread each (smoke); 1: one after another
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     LIMITS: ClassVar[dict[str, Rule]] = {
@@ -92,7 +95,7 @@ class SegConfig(Checked):
         "recipe": one_of(*RECIPES), "augment": one_of("lsj", "resize_shortest"), "train_short": at_least(16),
         "train_long": at_least(16), "test_short": at_least(16), "test_long": at_least(16),
         "warmup_factor": between(0, 1), "norm_decay": at_least(0), "norm": one_of("BN", "SyncBN"),
-        "box_head": one_of("4conv1fc", "2fc"), "rpn_convs": at_least(1), "max_dets": at_least(1),
+        "lvis_neg": one_of(*seg_lvis.NEG), "lvis_index": one_of(*seg_lvis.INDEX), "box_head": one_of("4conv1fc", "2fc"), "rpn_convs": at_least(1), "max_dets": at_least(1), "rpn_test_proposals": at_least(1),
         "seeds": each(at_least(0)), "image_size": at_least(32), "batch_size": at_least(1), "lr": above(0), "iters": at_least(1),
         "lr_steps": all_of(each(between(0, 1)), ordered), "warmup_iters": at_least(0), "weight_decay": at_least(0),
         "width": above(0), "vit_depth": at_least(1), "num_fed_classes": at_least(1), "rois_per_image": at_least(1),
@@ -268,7 +271,8 @@ def _identity(name: str, task: str, seed: int, sc: SegConfig, ann_file: Path) ->
     or test-time settings, which `load_model` applies) and the bytes of the training file."""
     d = {k: v for k, v in dataclasses.asdict(sc).items()
          if k not in ("recipe", "models", "object_models", "pseudo_model", "seeds", "workers", "device", "test_batch", "score_thr",
-                       "max_dets", "test_short", "test_long", "log_every", "eval_images", "jobs")}
+                       "max_dets", "rpn_test_proposals", "test_short", "test_long", "log_every", "eval_images", "lvis_neg",
+                       "lvis_index", "jobs")}
     return store.Identity("seg-train", {"config": name, "task": task, "seed": seed, "seg": d, "train_file": ann_file.name},
                           {"train_file": fileio.sha256_file(ann_file)})
 

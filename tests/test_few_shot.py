@@ -128,14 +128,54 @@ def test_centroid_scores_pick_the_nearest_centroid():
     assert s.argmax(1).tolist() == [0, 1]
 
 
-def test_tiny_train_and_evaluate(synth, tmp_path):
+def test_authors_part_cnn_and_p_mix_restate_their_resnet12_forward():
+    """The authors' `ResNet12.forward`: `self.p * x + (1 - self.p) * part`, p a scalar parameter starting at 0; their
+    part CNN's first linear layer takes 51,200 inputs at 80 px."""
+    assert fm.AuthorsPartCNN(80, 512).mlp[0].in_features == 51200
+    net = fm.FewShotNet((8, 8, 8, 16), m_parts=1, mix="p", size=16).eval()
+    assert net.p.item() == 0.0 and isinstance(net.branches[0], fm.AuthorsPartCNN) and not hasattr(net, "mix_logits")
+    x, parts = torch.rand(2, 3, 16, 16), torch.rand(2, 1, 3, 16, 16)
+    assert torch.allclose(net(x, parts), net.branches[0](parts[:, 0]))  # p = 0: the part feature alone
+    with torch.no_grad():
+        net.p.fill_(1.7)  # unconstrained: not clipped to [0, 1]
+    p = net.p
+    assert torch.allclose(net(x, parts), p * net.encoder(x) + (1 - p) * net.branches[0](parts[:, 0]), atol=1e-6)
+    assert net.mix_weights().tolist() == pytest.approx([1.7, -0.7])
+
+
+def test_interval_restates_the_authors_mean_confidence_interval():
+    """test_few_shot.py: va_lst holds one accuracy per batch of 4 episodes; h = sem(a) · t.ppf(0.975, n − 1)."""
+    import scipy.stats
+    acc = np.random.default_rng(0).uniform(20, 90, 40)
+    batches = [np.mean(acc[i:i + 4]) for i in range(0, 40, 4)]
+    a = 1.0 * np.array(batches)
+    h = scipy.stats.sem(a) * scipy.stats.t.ppf((1 + 0.95) / 2.0, len(a) - 1)
+    assert fs.interval(acc, 4) == pytest.approx(h) and np.isnan(fs.interval(acc[:7], 4))
+    assert fs.milestones(fs.FewShotConfig()) == [90]  # train_classifier_pinpp.yaml: milestones [90] of 100 epochs
+
+
+def test_few_shot_recipes_resolve_in_config(tmp_path):
+    from pinpp_lib import config
+    paper = config.resolve("full", data_root=tmp_path).few_shot
+    code = config.resolve("full", data_root=tmp_path, overrides={"few_shot": {"recipe": "authors_code"}}).few_shot
+    assert (paper.mix, paper.m_parts, code.mix, code.m_parts) == ("convex", 3, "p", 1)
+    assert paper.channels == code.channels == (64, 128, 256, 512) and paper.channels_deepemd == (64, 160, 320, 640)
+    assert "authors_code" in fs.recipe_note(paper) and "p · image" in fs.recipe_note(code)
+    with pytest.raises(PinppError, match="few_shot.recipe 'x'"):
+        config.resolve("full", data_root=tmp_path, overrides={"few_shot": {"recipe": "x"}})
+
+
+@pytest.mark.parametrize("recipe", ["paper", "authors_code"])
+def test_tiny_train_and_evaluate(synth, tmp_path, recipe):
     samples = fd.part_samples(load_release(synth / "release"), synth / "imagenet" / "train")
-    cfg = fs.FewShotConfig(split=(3, 0, 3), channels=(4, 4, 4, 8), branch_channels=(4, 4, 4), size_meta_baseline=16,
-                           size_deepemd=16, m_parts=2, emd_regions=2, n_way=3, shots=(1,), n_query=2, pretrain_epochs=1,
-                           batch_size=8, meta_episodes=2, eval_episodes=3, workers=0, device="cpu")
+    cfg = fs.FewShotConfig(split=(3, 0, 3), channels=(4, 4, 4, 8), channels_deepemd=(4, 4, 4, 8), branch_channels=(4, 4, 4),
+                           size_meta_baseline=16, size_deepemd=16, emd_regions=2, n_way=3, shots=(1,), n_query=2,
+                           pretrain_epochs=1, batch_size=8, meta_shot=0, meta_episodes=2, eval_episodes=3, workers=0,
+                           device="cpu", recipe=recipe, **{"m_parts": 2, **fs.RECIPES[recipe]})
     records, weights = fs.run(samples, cfg, tmp_path)
     assert len(records) == 2 * 2 * 3 and records.accuracy.between(0, 1).all()
-    assert set(weights.input) == {"image", "part 1", "part 2"} and weights.weight.sum() == pytest.approx(1.0)
+    assert set(weights.input) == ({"image", "part 1", "part 2"} if recipe == "paper" else {"image", "part 1"})
+    assert weights.weight.sum() == pytest.approx(1.0)
     again, _ = fs.run(samples, cfg, tmp_path)  # stages are loaded, episodes replayed: identical records
     assert again.equals(records)
     table = fs.summary_table(records, 1)
@@ -144,3 +184,21 @@ def test_tiny_train_and_evaluate(synth, tmp_path):
         fs.run(samples, dataclasses.replace(cfg, split=(5, 0, 3)), tmp_path / "x")
     with pytest.raises(PinppError, match=r"trained with another configuration or other samples \(changed: config.pretrain_lr"):
         fs.run(samples, dataclasses.replace(cfg, pretrain_lr=0.5), tmp_path)
+    # meta-trained once at the meta shot: the 1-shot test uses the 2-shot model (one meta stage, no 1-shot one)
+    once = dataclasses.replace(cfg, meta_shot=2, n_query=1)
+    fs.run(samples, once, tmp_path / "once")
+    stages = sorted(p.name for p in (tmp_path / "once").glob("*/*.done.json"))
+    assert stages and all(n in ("pretrain.done.json", "meta_2shot.done.json") for n in stages)
+
+
+@pytest.mark.slow
+def test_pinpp_few_shot_runs_the_authors_recipe(tmp_path):
+    """`pinpp few-shot --set recipe=authors_code`: notebook 07's job from the command line, the recipe in its note."""
+    import subprocess
+    import sys
+    sets = ["recipe=authors_code", "channels=(4,4,4,8)", "channels_deepemd=(4,4,4,8)", "pretrain_epochs=1", "meta_episodes=1",
+            "eval_episodes=8", "shots=(1,)", "meta_shot=0", "size_meta_baseline=16", "size_deepemd=16", "jobs=1"]
+    out = subprocess.run([sys.executable, "-m", "pinpp_lib", "few-shot", "--profile", "smoke", "--data-root", str(tmp_path),
+                          *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count('"1-shot accuracy"') == 4 and "Recipe: authors_code" in out.stdout

@@ -322,6 +322,12 @@ def test_smoke_and_full_configs_differ_in_sizes_only(converted, tmp_path):
     assert full.model.backbone.frozen_stages == -1 and not full.model.backbone.norm_eval  # from scratch: train it all
     lsj = full.train_dataloader.dataset.dataset.pipeline[2]
     assert lsj.ratio_range == (0.1, 2.0) and lsj.scale == (1024, 1024)
+    assert full.model.test_cfg.rpn.max_per_img == 1000 and full.model.test_cfg.rcnn.max_per_img == 300
+    from pinpp_lib import config
+    sizes = lambda sc: (sc.rois_per_image, sc.rpn_test_proposals, sc.max_dets)  # noqa: E731
+    assert sizes(config.resolve("full", data_root=tmp_path).seg) == (128, 1000, 300)
+    assert sizes(config.resolve("rehearsal", data_root=tmp_path).seg) == (128, 1000, 300)
+    assert sizes(config.resolve("smoke", data_root=tmp_path).seg) == (16, 100, 100)  # smoke's time only
 
 
 def _types(pipeline) -> list[str]:
@@ -454,9 +460,12 @@ def test_every_config_trains_one_iteration_and_evaluates(name, converted, tmp_pa
     assert run["iters"] == 1 and run["sha256"].startswith(run["weights"].split("_")[1][:12])
     assert len(list(Path(run["out"]).glob("iter_*.pth"))) == 1  # only the last resume point is kept (to rewrite the weights)
     rows, per = seg_eval.evaluate_run(run, converted, "test", "objects" if task == "objects+parts" else "parts", TINY)
-    for m in seg_eval.METRICS:
+    for m in seg_eval.METRICS + seg_eval.LVIS_METRICS:
         assert 0 <= rows[0][m] <= 100
-    assert set(per.metric) == {"mask", "box"} and per.category.str.contains(":").sum() == (0 if task != "parts" else len(per))
+    assert set(per.metric) == {"mask", "box", "mask (LVIS)", "box (LVIS)"}
+    assert per.category.str.contains(":").sum() == (0 if task != "parts" else len(per))
+    # LVIS: parts-only files hold no object category, the objects file no part category
+    assert np.isnan(rows[0]["mask object AP (LVIS)" if task == "parts" else "mask part AP (LVIS)"])
     assert segmentation.train(name, task, converted, tmp_path, TINY, 0) == run  # finished: reused, not retrained
     with pytest.raises(PinppError, match=r"another configuration or training file \(changed: seg.lr"):
         segmentation.train(name, task, converted, tmp_path, dataclasses.replace(TINY, lr=0.1), 0)
