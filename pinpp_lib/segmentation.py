@@ -51,6 +51,7 @@ class SegConfig(Checked):
     models: tuple[str, ...] = BENCHMARK              # Table 9 rows
     object_models: tuple[str, ...] = BENCHMARK       # Table 10 rows (each trained object-only and object+part)
     pseudo_model: str = "mask_rcnn_swin_b_fpn"       # the part model that writes pseudo labels (§4.1: Swin-B)
+    table9_task: str = "parts"   # Table 9's models: trained on parts only | "objects+parts": the code's one 4,308-class model
     seeds: tuple[int, ...] = (0,)                    # Table 10 runs each (and reports the spread); Tables 9 and 6-left the first
     augment: str = "lsj"         # "lsj": scale 0.1–2.0 of image_size, crop/pad to it, flip | "resize_shortest"
     image_size: int = 1024       # LSJ crop size
@@ -92,6 +93,7 @@ class SegConfig(Checked):
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     LIMITS: ClassVar[dict[str, Rule]] = {
         "models": each(one_of(*CONFIGS)), "object_models": each(one_of(*CONFIGS)), "pseudo_model": one_of(*CONFIGS),
+        "table9_task": one_of("parts", "objects+parts"),
         "recipe": one_of(*RECIPES), "augment": one_of("lsj", "resize_shortest"), "train_short": at_least(16),
         "train_long": at_least(16), "test_short": at_least(16), "test_long": at_least(16),
         "warmup_factor": between(0, 1), "norm_decay": at_least(0), "norm": one_of("BN", "SyncBN"),
@@ -270,7 +272,7 @@ def _identity(name: str, task: str, seed: int, sc: SegConfig, ann_file: Path) ->
     """What makes two runs the same run: the config, task, seed, training settings (not the device, loader workers
     or test-time settings, which `load_model` applies) and the bytes of the training file."""
     d = {k: v for k, v in dataclasses.asdict(sc).items()
-         if k not in ("recipe", "models", "object_models", "pseudo_model", "seeds", "workers", "device", "test_batch", "score_thr",
+         if k not in ("recipe", "models", "object_models", "pseudo_model", "table9_task", "seeds", "workers", "device", "test_batch", "score_thr",
                        "max_dets", "rpn_test_proposals", "test_short", "test_long", "log_every", "eval_images", "lvis_neg",
                        "lvis_index", "jobs")}
     return store.Identity("seg-train", {"config": name, "task": task, "seed": seed, "seg": d, "train_file": ann_file.name},

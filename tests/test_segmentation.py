@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from mmengine.structures import InstanceData
 
-from pinpp_lib import fileio, masks, pseudo_labels, seg_eval, segmentation
+from pinpp_lib import fileio, masks, pseudo_labels, seg_eval, seg_recipes, segmentation
 from pinpp_lib import seg_models  # noqa: F401  (registers the kit's mmdet modules)
 from pinpp_lib.fileio import PinppError
 
@@ -344,6 +344,8 @@ def test_recipes_build_the_papers_and_the_authors_configs(converted, tmp_path):
     code = config.resolve("full", data_root=tmp_path, overrides={"seg": {"recipe": "authors_code"}}).seg
     assert (paper.augment, paper.test_short, paper.test_long) == ("lsj", 800, 1333)
     assert (code.augment, code.train_short, code.train_long, code.test_short, code.test_long) == ("resize_shortest", 375, 500, 375, 500)
+    assert (paper.table9_task, code.table9_task) == ("parts", "objects+parts")  # r50_fpn.py: num_classes = 4308
+    assert "joint object+part" in seg_recipes.recipe_note(code) and "joint" not in seg_recipes.recipe_note(paper)
     assert {f: getattr(paper, f) for f in ("recipe", "augment", "test_short", "test_long")} != \
         {f: getattr(code, f) for f in ("recipe", "augment", "test_short", "test_long")}
     assert config.resolve("full", data_root=tmp_path, overrides={"seg": {"recipe": "authors_code", "test_short": 600}}).seg.test_short == 600
@@ -386,15 +388,19 @@ def test_recipes_build_the_papers_and_the_authors_configs(converted, tmp_path):
 
 
 def test_authors_code_recipe_trains_one_iteration_and_evaluates(converted, tmp_path):
-    """The other recipe runs end to end too (resize-shortest augmentation without LSJ's fixed-size padding)."""
+    """The other recipe runs end to end too (resize-shortest augmentation without LSJ's fixed-size padding), as the
+    code's one joint object+part model scored on the parts file for Table 9 (its object detections dropped)."""
     sc = dataclasses.replace(TINY, recipe="authors_code", augment="resize_shortest", train_short=48, train_long=64,
-                             test_short=48, test_long=64)
-    run = segmentation.train("mask_rcnn_r50_fpn", "parts", converted, tmp_path, sc, 0)
+                             test_short=48, test_long=64, table9_task="objects+parts")
+    run = segmentation.train("mask_rcnn_r50_fpn", sc.table9_task, converted, tmp_path, sc, 0)
+    assert len(run["classes"]) == len(segmentation.categories(segmentation.annotation_file(converted, "objects+parts", "train")))
     cfg = (Path(run["out"]) / "config.py").read_text()
     flat = cfg.replace(" ", "").replace("\n", "")
     assert "type='Resize'" in flat and "scale=(64,48,)" in flat.replace("scale=(64,48)", "scale=(64,48,)") and "RandomCrop" not in flat
-    rows, _ = seg_eval.evaluate_run(run, converted, "test", "parts", sc)
-    assert 0 <= rows[0]["mask AP"] <= 100
+    rows, per = seg_eval.evaluate_run(run, converted, "test", "parts", sc)
+    assert 0 <= rows[0]["mask AP"] <= 100 and per.category.str.contains(":").all()  # parts only
+    assert all(d["category_id"] in {c["id"] for c in segmentation.categories(segmentation.annotation_file(converted, "parts", "test"))}
+               for d in seg_eval.detections(run, converted, "test", "parts", sc)["plain"])
 
 
 def test_swin_b_pseudo_model_is_the_full_profiles(converted, tmp_path):
@@ -574,3 +580,25 @@ def test_finished_runs_and_detections_follow_their_inputs(converted, tmp_path):
     train_file.write_text(train_file.read_text().replace('"iscrowd": 0', '"iscrowd":0'))
     with pytest.raises(PinppError, match=r"another configuration or training file \(changed: input 'train_file'\)"):
         segmentation.train("mask_rcnn_r50_fpn", "parts", conv, tmp_path / "work", cfg, 0)
+
+
+@pytest.mark.parametrize("name", ["mask_rcnn_r50_fpn", "cascade_mask_rcnn_r50_fpn"])
+def test_chunked_mask_prediction_equals_mmdets(name, converted, tmp_path):
+    """seg_eval.predict runs the class-specific mask head a few detections at a time (memory: detections × classes ×
+    28²); boxes, scores, labels and masks equal mmdet's roi_head.predict on the whole batch."""
+    from mmengine.dataset import pseudo_collate
+    run = segmentation.train(name, "parts", converted, tmp_path, TINY, 0)
+    model, _ = segmentation.load_model(run, "cpu", dataclasses.replace(TINY, score_thr=0.0))
+    items = seg_eval.benchmark_items(converted / "seg_benchmark" / "parts_test.json", converted / "train" / "img", 3)
+    pipeline = seg_eval._test_pipeline(model.cfg)
+    data = model.data_preprocessor(pseudo_collate([pipeline({"img_path": str(i["img_path"]), "img_id": i["img_id"]})
+                                                   for i in items]), False)
+    with torch.no_grad():
+        x = model.extract_feat(data["inputs"])
+        rpn = model.rpn_head.predict(x, data["data_samples"], rescale=False)
+        whole = model.roi_head.predict(x, [r.clone() for r in rpn], data["data_samples"], rescale=True)
+        chunked = seg_eval.predict(model.roi_head, x, [r.clone() for r in rpn], data["data_samples"], chunk=7)
+    assert sum(len(w) for w in whole) > 7  # several chunks per image
+    for w, c in zip(whole, chunked):
+        for k in ("bboxes", "scores", "labels", "masks"):
+            assert torch.equal(getattr(w, k), getattr(c, k)), k
