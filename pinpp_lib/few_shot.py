@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, fileio, jobs, plots, store
 from .checks import Checked, Rule, above, at_least, between, device_name, each, one_of
-from .few_shot_data import PartImageDataset, Sample, class_split, draw_episodes, episodes
+from .few_shot_data import AUGMENTS, PartImageDataset, Sample, class_split, draw_episodes, episodes
 from .synthetic import SynthConfig
 from .few_shot_models import FewShotNet, centroid_scores, emd_scores
 
@@ -63,6 +63,8 @@ class FewShotConfig(Checked):
     pretrain_milestones: tuple[float, ...] = (0.9,)  # fractions of the epochs, lr × 0.1 each (code: milestones [90] of 100)
     batch_size: int = 128
     weight_decay: float = 5e-4
+    pretrain_augment: str = "rrc_flip"  # code: RandomResizedCrop + flip, separately for image and part crop
+    meta_augment: str = "none"          # code (Meta-Baseline's train_meta): none
     meta_shot: int = 5                 # meta-train once at this shot, test every shot with it (code); 0: at each shot
     meta_episodes: int = 4000          # code: 20 epochs × 200 batches of one episode
     meta_lr: float = 0.001
@@ -81,6 +83,7 @@ class FewShotConfig(Checked):
         "size_meta_baseline": at_least(8), "size_deepemd": at_least(8), "m_parts": at_least(0), "emd_regions": at_least(1),
         "n_way": at_least(2), "shots": each(at_least(1)), "n_query": at_least(1), "pretrain_epochs": at_least(0),
         "pretrain_lr": above(0), "pretrain_milestones": each(between(0, 1)), "batch_size": at_least(1),
+        "pretrain_augment": one_of(*AUGMENTS), "meta_augment": one_of(*AUGMENTS),
         "weight_decay": at_least(0), "meta_shot": at_least(0), "meta_episodes": at_least(0),
         "meta_lr": above(0), "eval_episodes": at_least(1), "ci_group": at_least(1), "workers": at_least(0),
         "max_steps": at_least(0), "jobs": at_least(1), "seed": at_least(0), "device": device_name}
@@ -93,13 +96,16 @@ def _regions(method: str, variant: str, cfg: FewShotConfig) -> int:
     return cfg.m_parts if variant == "object+part" else 0
 
 
-def datasets(samples: list[Sample], cfg: FewShotConfig, method: str, variant: str, train: bool) -> PartImageDataset:
-    """The train- or test-class dataset as `method`/`variant` sees it (image size, crops, random patches)."""
+def datasets(samples: list[Sample], cfg: FewShotConfig, method: str, variant: str, train: bool,
+             augment: str = "none") -> PartImageDataset:
+    """The train- or test-class dataset as `method`/`variant` sees it (image size, crops, random patches,
+    augmentation)."""
     split = class_split(sorted({s.wnid for s in samples}), cfg.split, cfg.seed)
     names = split["train" if train else "test"]
     size = cfg.size_deepemd if method == "deepemd" else cfg.size_meta_baseline
     use = samples if variant == "object+part" else [dataclasses.replace(s, boxes=[]) for s in samples]  # object: random patches
-    return PartImageDataset(use, {w: i for i, w in enumerate(names)}, size, _regions(method, variant, cfg), cfg.seed, train)
+    return PartImageDataset(use, {w: i for i, w in enumerate(names)}, size, _regions(method, variant, cfg), cfg.seed, train,
+                            augment)
 
 
 def build(method: str, variant: str, cfg: FewShotConfig) -> FewShotNet:
@@ -183,7 +189,8 @@ def train_model(samples: list[Sample], cfg: FewShotConfig, method: str, variant:
     while its identity (settings, the training samples, and for meta-training the pre-trained weights) is
     unchanged; a stage of another identity is refused in one line (it holds a trained model)."""
     work = Path(work) / f"{method}_{variant.replace('+', '_')}"
-    ds = datasets(samples, cfg, method, variant, train=True)
+    ds = datasets(samples, cfg, method, variant, train=True, augment=cfg.pretrain_augment)
+    ds_meta = datasets(samples, cfg, method, variant, train=True, augment=cfg.meta_augment)
     torch.manual_seed(_stage_seed(cfg.seed, method, variant, "init"))  # the same initial weights whatever ran before
     model = build(method, variant, cfg)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_TRAINING}
@@ -191,7 +198,7 @@ def train_model(samples: list[Sample], cfg: FewShotConfig, method: str, variant:
         settings.pop("max_steps")  # added later: uncapped stages keep the identity they had before
     inputs = {"samples": store.names_digest(f"{s.wnid}/{s.path.name} {s.boxes}" for s in samples)}
     for stage, run in (("pretrain", lambda: pretrain(model, ds, cfg, method)),
-                       (f"meta_{shot}shot", lambda: meta_train(model, ds, cfg, method, shot))):
+                       (f"meta_{shot}shot", lambda: meta_train(model, ds_meta, cfg, method, shot))):
         ident = store.Identity("few-shot", {"method": method, "variant": variant, "stage": stage, "config": settings}, inputs)
         record = f"{stage}.done.json"
         done = store.finished(work, ident, record)

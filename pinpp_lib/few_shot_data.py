@@ -79,16 +79,29 @@ def part_boxes(boxes: list[tuple[float, float, float, float]], m: int, width: in
     return out
 
 
+AUGMENTS = ("none", "flip", "rrc_flip")
+
+
 class PartImageDataset(Dataset):
-    """(image, M part crops, label): image resized to size×size, crops of `part_boxes` resized likewise.
+    """(image, M part crops, label): image resized to size×size (bilinear, antialiased: the code's PIL `Resize`),
+    crops of `part_boxes` likewise.
 
     `labels` maps wnid → label; crops of missing parts are random rectangles seeded by (seed, index, slot).
+    `augment`: "none"; "flip": one horizontal flip shared by the image and its crops; "rrc_flip": the authors'
+    classifier pre-training (`augment: resize` in datasets/pinpp.py) — RandomResizedCrop(size) and a horizontal flip
+    drawn separately for the image and for each crop (their `__getitem__` calls the transform once per tensor).
+    None: "flip" when `train`, else "none".
     """
 
-    def __init__(self, samples: list[Sample], labels: dict[str, int], size: int, m: int, seed: int = 0, train: bool = False):
+    def __init__(self, samples: list[Sample], labels: dict[str, int], size: int, m: int, seed: int = 0, train: bool = False,
+                 augment: str | None = None):
+        augment = augment or ("flip" if train else "none")
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment={augment!r}: one of {AUGMENTS}")
         self.samples = [s for s in samples if s.wnid in labels]
-        self.labels, self.size, self.m, self.seed, self.train = labels, size, m, seed, train
-        self.resize = v2.Resize((size, size), interpolation=InterpolationMode.BICUBIC, antialias=True)
+        self.labels, self.size, self.m, self.seed, self.train, self.augment = labels, size, m, seed, train, augment
+        self.resize = v2.Resize((size, size), interpolation=InterpolationMode.BILINEAR, antialias=True)
+        self.rrc = v2.RandomResizedCrop((size, size), interpolation=InterpolationMode.BILINEAR, antialias=True)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -96,15 +109,22 @@ class PartImageDataset(Dataset):
     def targets(self) -> list[int]:
         return [self.labels[s.wnid] for s in self.samples]
 
+    def _rrc_flip(self, t: torch.Tensor) -> torch.Tensor:
+        t = self.rrc(t)
+        return t.flip(-1) if torch.rand(1).item() < 0.5 else t
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         s = self.samples[i]
         img = v2.functional.pil_to_tensor(_load_rgb(s.path))
         h, w = img.shape[1:]
         rng = np.random.default_rng([self.seed, i])
-        crops = [self.resize(img[:, y0:y1, x0:x1]) for x0, y0, x1, y1 in part_boxes(s.boxes, self.m, w, h, rng)]
-        x = self.resize(img)
-        if self.train and torch.rand(1).item() < 0.5:  # the same flip for the image and its crops
-            x, crops = x.flip(-1), [c.flip(-1) for c in crops]
+        regions = [img[:, y0:y1, x0:x1] for x0, y0, x1, y1 in part_boxes(s.boxes, self.m, w, h, rng)]
+        if self.augment == "rrc_flip":
+            x, crops = self._rrc_flip(img), [self._rrc_flip(r) for r in regions]
+        else:
+            x, crops = self.resize(img), [self.resize(r) for r in regions]
+            if self.augment == "flip" and torch.rand(1).item() < 0.5:  # the same flip for the image and its crops
+                x, crops = x.flip(-1), [c.flip(-1) for c in crops]
         to = lambda t: v2.functional.to_dtype(t, torch.float32, scale=True)  # noqa: E731
         parts = torch.stack([to(c) for c in crops]) if crops else torch.zeros(0, 3, self.size, self.size)
         return to(x), parts, self.labels[s.wnid]

@@ -70,6 +70,19 @@ def test_dataset_crops_and_class_split(synth):
     x, parts, y = ds[0]
     assert x.shape == (3, 24, 24) and parts.shape == (3, 3, 24, 24) and 0 <= y < 2
     assert torch.equal(ds[0][1], parts)  # random fill rectangles are seeded per image
+    # the authors' pre-training augmentation: RandomResizedCrop + flip drawn once per tensor (image, each crop)
+    rrc = fd.PartImageDataset(samples, {w: i for i, w in enumerate(split["test"])}, size=24, m=3, seed=0, augment="rrc_flip")
+    calls = []
+    rrc._rrc_flip = lambda t, f=rrc._rrc_flip: calls.append(t.shape) or f(t)
+    torch.manual_seed(0)
+    xa, pa, _ = rrc[0]
+    assert len(calls) == 1 + 3 and xa.shape == (3, 24, 24) and pa.shape == (3, 3, 24, 24)
+    assert not torch.equal(xa, x)  # cropped: not the plain resize
+    plain = fd.PartImageDataset(samples, {w: i for i, w in enumerate(split["test"])}, size=24, m=3, seed=0, train=True,
+                                augment="none")
+    assert torch.equal(plain[0][0], x) and plain.augment == "none" and ds.augment == "none"
+    with pytest.raises(ValueError, match="augment='crop'"):
+        fd.PartImageDataset(samples, {}, 24, 3, augment="crop")
     with pytest.raises(PinppError, match="class split"):
         fd.class_split(split["train"], (3, 1, 2))
     with pytest.raises(PinppError, match="fewer than the 50"):
