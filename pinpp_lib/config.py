@@ -81,16 +81,17 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         "robustness": {"standins": True, "mvh_datasets": ("colour", "contrast", "uniform-noise", "sketch", "stylized", "edge"),
                        "subset_eval": {"mode": "pgd", "batch_size": 128}, "pin_supercategories": None},
         # Notebooks 02-04: the six configs at 1/8 width on 96 px LSJ crops, from scratch (no ImageNet weights
-        # here), 60 iterations of batch 4 with 16 RoIs per image and 100 RPN proposals per test image (≈ 0.3 s an
+        # here), 40 iterations of batch 4 with 16 RoIs per image and 50 RPN proposals per test image (≈ 0.3 s an
         # iteration for Mask R-CNN, 0.5 s for the cascades, one thread): enough to run every part of the pipeline
-        # (schedule steps, checkpoints, resume), not to learn much (AP ≈ 0). At this width the 4conv1fc box head and
-        # the normed mask head cost more than the backbone, per RoI: 64 RoIs and 1000 proposals made 02-04 ≈ 3x slower.
+        # (warm-up, both lr steps, two checkpoints, resume), not to learn much (AP ≈ 0). At this width the 4conv1fc box
+        # head and the normed mask head cost more than the backbone, per RoI: 64 RoIs and 1000 proposals made 02-04
+        # ≈ 3x slower.
         # Table 10: Mask R-CNN R50 with two seeds, so that its spread is computed.
         # Federated loss over 15 of the ~40 part categories (the paper's 50 would cover them all and reduce to
         # plain sigmoid CE).
         "seg": {"image_size": 96, "test_short": 75, "test_long": 125, "train_short": 48, "train_long": 64,  # ≈ 1024:800:1333
-                "width": 0.125, "vit_depth": 4, "pretrained": False, "iters": 60, "batch_size": 4,
-                "lr": 0.02, "warmup_iters": 10, "rois_per_image": 16, "rpn_test_proposals": 100, "num_fed_classes": 15, "workers": 0,
+                "width": 0.125, "vit_depth": 4, "pretrained": False, "iters": 40, "batch_size": 4,
+                "lr": 0.02, "warmup_iters": 10, "rois_per_image": 16, "rpn_test_proposals": 50, "num_fed_classes": 15, "workers": 0,
                 "ckpt_every": 20, "log_every": 10, "seeds": (0, 1), "object_models": ("mask_rcnn_r50_fpn",), "device": "cpu",
                 "pseudo_model": "mask_rcnn_r50_fpn",  # full: §4.1's Swin-B (the rehearsal runs it)
                 # 100 detections per image (the code's 300): an untrained smoke model fills every slot, and pasting
@@ -99,14 +100,14 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         # The smoke part model scores low after 60 iterations; at the default 0.5 it would paint nothing.
         "pseudo": {"batch_size": 8, "score_thr": 0.05},
         # Notebook 07: its own synthetic release with 20 classes (10 train / 5 val / 5 test; 5-way episodes need
-        # disjoint class sets), a narrow ResNet-12 at 40 px, short schedules, 40 test episodes per shot.
+        # disjoint class sets), a narrow ResNet-12 at 40 px, short schedules, 32 test episodes per shot (8 test batches of 4).
         "few_shot": {"synth": SynthConfig(classes=20, images_per_class=20, unannotated_per_class=0, val_per_class=0,
                                           size=64, seed=5),
                      "split": (10, 5, 5), "channels": (16, 32, 64, 128), "channels_deepemd": (16, 32, 64, 128),
                      "branch_channels": (8, 16, 32),
                      "size_meta_baseline": 40, "size_deepemd": 40, "emd_regions": 3, "n_query": 5,
                      "pretrain_epochs": 12, "batch_size": 50, "pretrain_lr": 0.05, "meta_episodes": 10, "meta_lr": 0.002,
-                     "eval_episodes": 40, "workers": 0, "device": "cpu", "jobs": 2},
+                     "eval_episodes": 32, "workers": 0, "device": "cpu", "jobs": 2},
     },
     # The full settings (component defaults) with only sizes cut: images, steps, batch, device. Nothing here picks
     # another code path than the full profile does, except the stand-in weights (written where the jobs look).

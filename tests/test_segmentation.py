@@ -327,7 +327,7 @@ def test_smoke_and_full_configs_differ_in_sizes_only(converted, tmp_path):
     sizes = lambda sc: (sc.rois_per_image, sc.rpn_test_proposals, sc.max_dets)  # noqa: E731
     assert sizes(config.resolve("full", data_root=tmp_path).seg) == (128, 1000, 300)
     assert sizes(config.resolve("rehearsal", data_root=tmp_path).seg) == (128, 1000, 300)
-    assert sizes(config.resolve("smoke", data_root=tmp_path).seg) == (16, 100, 100)  # smoke's time only
+    assert sizes(config.resolve("smoke", data_root=tmp_path).seg) == (16, 50, 100)  # smoke's time only
 
 
 def _types(pipeline) -> list[str]:
