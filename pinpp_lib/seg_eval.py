@@ -254,17 +254,22 @@ LVIS_METRICS = ["mask AP (LVIS)", "mask AP50 (LVIS)", "box AP (LVIS)", "box AP50
 def table9(rows: pd.DataFrame) -> pd.DataFrame:
     """Part segmentation: mask and box AP/AP50 (%) per model (mean over seeds), pycocotools and LVIS."""
     g = rows.groupby("model", sort=False)
-    return g[METRICS + LVIS_METRICS].mean().reset_index().assign(seeds=g.size().to_numpy())
+    return g[_present(rows)].mean().reset_index().assign(seeds=g.size().to_numpy())
+
+
+def _present(rows: pd.DataFrame) -> list[str]:
+    """The table metrics the rows carry (run rows written before the LVIS columns have pycocotools' only)."""
+    return [m for m in METRICS + LVIS_METRICS if m in rows.columns]
 
 
 def table10(rows: pd.DataFrame) -> pd.DataFrame:
     """Object segmentation: object-only vs object+part training, both scored on objects; the delta
     (object+part − object-only) per metric, with its standard deviation over seeds when there are several."""
-    piv = rows.pivot_table(index=["model", "seed"], columns="trained on", values=METRICS + LVIS_METRICS, sort=False)
+    piv = rows.pivot_table(index=["model", "seed"], columns="trained on", values=_present(rows), sort=False)
     out = []
     for model, df in piv.groupby(level=0, sort=False):
         r: dict[str, Any] = {"model": model}
-        for m in ("mask AP", "box AP", "mask AP50", "mask AP (LVIS)"):
+        for m in [m for m in ("mask AP", "box AP", "mask AP50", "mask AP (LVIS)") if m in _present(rows)]:
             obj, both = df[(m, "objects")], df[(m, "objects+parts")]
             delta = both - obj
             r[f"{m} object-only"], r[f"{m} object+part"] = obj.mean(), both.mean()

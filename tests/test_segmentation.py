@@ -208,7 +208,7 @@ def test_pseudo_labels_are_written_resumably_and_feed_mpm_training(tiny_run, con
     assert unlabelled[0][0] not in flags
     again, recs2 = pseudo_labels.pseudo_label(tiny_run, conv, TINY, pc)  # resumed: only the unreadable one is tried
     assert again["labelled now"] == 0 and again["labelled before (resumed)"] == len(unlabelled) - 1 and recs2.empty
-    with pytest.raises(PinppError, match=r"another part model, part table or threshold \(changed: score_thr 0.0 → 0.7\)"):
+    with pytest.raises(PinppError, match=r"another part model, part table, threshold or test setting \(changed: score_thr 0.0 → 0.7\)"):
         pseudo_labels.pseudo_label(tiny_run, conv, TINY, dataclasses.replace(pc, score_thr=0.7))
     from pinpp_lib.datasets import PartSegDataset
     ds = PartSegDataset(conv, seg_dir="seg_pseudo_cf")
@@ -286,7 +286,13 @@ def test_table10_reports_the_delta_and_its_spread_over_seeds():
         for task, v in (("objects", obj), ("objects+parts", both)):
             rows.append({"model": "M", "seed": seed, "trained on": task, "mask AP": v, "mask AP50": v * 2,
                          "box AP": v + 1, "box AP50": v})
+    t = seg_eval.table10(pd.DataFrame(rows)).iloc[0]  # rows without LVIS columns (written before them)
+    assert "Δ mask AP (LVIS)" not in t.index
+    for r in rows:
+        r["mask AP (LVIS)"] = r["mask AP"] / 2
     t = seg_eval.table10(pd.DataFrame(rows)).iloc[0]
+    assert t["Δ mask AP (LVIS)"] == pytest.approx(1.0) and list(seg_eval.table9(pd.DataFrame(rows)).columns)[-2:] == \
+        ["mask AP (LVIS)", "seeds"]
     assert t["Δ mask AP"] == pytest.approx(2.0) and t["Δ mask AP sd"] == pytest.approx(np.std([3, 1], ddof=1))
     assert t["mask AP object-only"] == pytest.approx(11.0) and t["seeds"] == 2
     one = seg_eval.table10(pd.DataFrame([r for r in rows if r["seed"] == 0])).iloc[0]
