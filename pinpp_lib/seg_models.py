@@ -20,10 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmdet.models.roi_heads.bbox_heads import ConvFCBBoxHead
-from mmdet.registry import HOOKS, MODELS
+from mmdet.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS
 from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
 from mmengine.model import BaseModule
+from mmengine.optim import DefaultOptimWrapperConstructor
 from torch import Tensor
 
 from . import fileio
@@ -256,3 +257,38 @@ class PlainHistoryHook(Hook):
         for k, v in list(scalars.items()):
             if isinstance(v, dict) and v.get(_BUFFER_TAG):
                 scalars[k] = HistoryBuffer(v["log"], v["count"], v["max_length"])
+
+
+def vit_lr_decay_rate(name: str, lr_decay_rate: float = 1.0, num_layers: int = 12) -> float:
+    """The lr factor of a parameter as detectron2's `get_vit_lr_decay_rate` (modeling/backbone/vit.py), which the
+    authors' `vit_s_fpn.py` sets as `lr_factor_func` (rate 0.8, 12 layers): backbone position and patch embeddings
+    are layer 0, block i is layer i + 1, every other parameter layer num_layers + 1; factor = rate^(L + 1 − layer)."""
+    layer = num_layers + 1
+    if name.startswith("backbone"):
+        if ".pos_embed" in name or ".patch_embed" in name:
+            layer = 0
+        elif ".blocks." in name and ".residual." not in name:
+            layer = int(name[name.find(".blocks."):].split(".")[2]) + 1
+    return lr_decay_rate ** (num_layers + 1 - layer)
+
+
+@OPTIM_WRAPPER_CONSTRUCTORS.register_module()
+class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
+    """mmengine's default constructor (norm_decay_mult, ...) with each parameter's lr multiplied by
+    `vit_lr_decay_rate(name, lr_decay_rate, num_layers)` — detectron2's `lr_factor_func`, applied on top of the other
+    per-parameter settings as its `get_default_optimizer_params` does. paramwise_cfg keys: `lr_decay_rate`, `num_layers`."""
+
+    def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: Optional[dict] = None):
+        paramwise_cfg = dict(paramwise_cfg or {})
+        self.lr_decay_rate = paramwise_cfg.pop("lr_decay_rate", 1.0)
+        self.num_layers = paramwise_cfg.pop("num_layers", 12)
+        super().__init__(optim_wrapper_cfg, paramwise_cfg)
+
+    def add_params(self, params: list, module: nn.Module, prefix: str = "", is_dcn_module=None) -> None:
+        super().add_params(params, module, prefix, is_dcn_module)
+        if prefix:  # the recursion into children; the top call (prefix "") has every parameter's group
+            return
+        names = {id(p): n for n, p in module.named_parameters()}
+        for group in params:
+            factor = vit_lr_decay_rate(names[id(group["params"][0])], self.lr_decay_rate, self.num_layers)
+            group["lr"] = group.get("lr", self.base_lr) * factor

@@ -16,7 +16,8 @@ fields into the mmdet config so that each detectron2 choice has its mmdet equiva
                      processes under torchrun: torch's SyncBatchNorm runs on GPUs only)
     box_head         4conv1fc: 4 × (3×3 conv 256 + norm + ReLU) + 1 fc 1024 (new_baselines, `conv_norm`)
     rpn_convs        2 (new_baselines: `proposal_generator.head.conv_dims = [-1, -1]`)
-    optimiser        SGD momentum 0.9, lr, weight decay 4e-5, none on normalisation layers (weight_decay_norm = 0)
+    optimiser        SGD momentum 0.9, lr, weight decay 4e-5, none on normalisation layers (weight_decay_norm = 0);
+                     ViT backbones: detectron2's layer-wise lr decay (vit_lr_decay, LayerDecayOptimWrapperConstructor)
     schedule         linear warm-up from warmup_factor over warmup_iters, ×0.1 at lr_steps
     amp              AMPTrainer (fp16 autocast + loss scaling) on CUDA; mmengine has no CPU AMP, so CPU runs are fp32
     test             1000 proposals after the RPN's NMS, score threshold 0.001, 300 detections per image
@@ -89,6 +90,9 @@ def apply_recipe(cfg: Any, sc: Any, world_size: int = 1) -> None:
     # optimiser and schedule
     cfg.optim_wrapper.optimizer.update(lr=sc.lr, weight_decay=sc.weight_decay)
     cfg.optim_wrapper.paramwise_cfg = dict(norm_decay_mult=sc.norm_decay)
+    if model.backbone.type == "TimmViT":  # vit_s_fpn.py: lr_factor_func = get_vit_lr_decay_rate(rate 0.8, 12 layers)
+        cfg.optim_wrapper.constructor = "LayerDecayOptimWrapperConstructor"
+        cfg.optim_wrapper.paramwise_cfg.update(lr_decay_rate=sc.vit_lr_decay, num_layers=sc.vit_depth)
     if sc.amp and cuda:
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.loss_scale = "dynamic"

@@ -73,6 +73,7 @@ class SegConfig(Checked):
     rpn_convs: int = 2           # new_baselines: 2 convs in the RPN head
     width: float = 1.0           # channel multiplier of backbone/neck/heads (1.0 = the published models)
     vit_depth: int = 12
+    vit_lr_decay: float = 0.8    # vit_s_fpn.py: layer-wise lr decay (detectron2 get_vit_lr_decay_rate); 1.0: none
     pretrained: bool = False     # the code trains from scratch (init_checkpoint ""); True: ImageNet-pretrained backbones
     num_fed_classes: int = 50    # detectron2's fed_loss_num_classes; the background counts among them (seg_models)
     fed_count_background: bool = True
@@ -100,7 +101,7 @@ class SegConfig(Checked):
         "lvis_neg": one_of(*seg_lvis.NEG), "lvis_index": one_of(*seg_lvis.INDEX), "box_head": one_of("4conv1fc", "2fc"), "rpn_convs": at_least(1), "max_dets": at_least(1), "rpn_test_proposals": at_least(1),
         "seeds": each(at_least(0)), "image_size": at_least(32), "batch_size": at_least(1), "lr": above(0), "iters": at_least(1),
         "lr_steps": all_of(each(between(0, 1)), ordered), "warmup_iters": at_least(0), "weight_decay": at_least(0),
-        "width": above(0), "vit_depth": at_least(1), "num_fed_classes": at_least(1), "rois_per_image": at_least(1),
+        "width": above(0), "vit_depth": at_least(1), "vit_lr_decay": between(0, 1), "num_fed_classes": at_least(1), "rois_per_image": at_least(1),
         "rfs_threshold": at_least(0), "workers": at_least(0), "ckpt_every": at_least(1), "log_every": at_least(1),
         "test_batch": at_least(1), "score_thr": between(0, 1), "eval_images": at_least(0), "jobs": at_least(1),
         "device": device_name}

@@ -608,3 +608,37 @@ def test_chunked_mask_prediction_equals_mmdets(name, converted, tmp_path):
     for w, c in zip(whole, chunked):
         for k in ("bboxes", "scores", "labels", "masks"):
             assert torch.equal(getattr(w, k), getattr(c, k)), k
+
+
+def test_vit_layer_decay_restates_detectron2s_get_vit_lr_decay_rate(converted, tmp_path):
+    """The authors' vit_s_fpn.py: lr_factor_func = partial(get_vit_lr_decay_rate, lr_decay_rate=0.8, num_layers=12)."""
+    def literal(name, lr_decay_rate=1.0, num_layers=12):  # detectron2/modeling/backbone/vit.py, restated
+        layer_id = num_layers + 1
+        if name.startswith("backbone"):
+            if ".pos_embed" in name or ".patch_embed" in name:
+                layer_id = 0
+            elif ".blocks." in name and ".residual." not in name:
+                layer_id = int(name[name.find(".blocks.") :].split(".")[2]) + 1
+        return lr_decay_rate ** (num_layers + 1 - layer_id)
+
+    names = ["backbone.vit.pos_embed", "backbone.vit.patch_embed.proj.weight", "backbone.vit.blocks.0.attn.qkv.weight",
+             "backbone.vit.blocks.11.mlp.fc2.bias", "backbone.vit.blocks.3.residual.conv1.weight", "backbone.vit.norm.weight",
+             "neck.stages.0.0.weight", "roi_head.bbox_head.fc_cls.weight"]
+    for n in names:
+        assert seg_models.vit_lr_decay_rate(n, 0.8, 12) == pytest.approx(literal(n, 0.8, 12)), n
+    assert segmentation.SegConfig().vit_lr_decay == 0.8
+    # the built optimiser: each ViT parameter's lr is the base lr times its factor; R50 configs keep the default constructor
+    from mmdet.registry import MODELS
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import init_default_scope
+    init_default_scope("mmdet")
+    cfg = segmentation.build_config("mask_rcnn_vit_s_sfp", "parts", converted, tmp_path, TINY)
+    assert cfg.optim_wrapper.constructor == "LayerDecayOptimWrapperConstructor"
+    assert "constructor" not in segmentation.build_config("mask_rcnn_r50_fpn", "parts", converted, tmp_path, TINY).optim_wrapper
+    model = MODELS.build(cfg.model)
+    opt = build_optim_wrapper(model, cfg.optim_wrapper).optimizer
+    lr = {id(g["params"][0]): g["lr"] for g in opt.param_groups}
+    base = cfg.optim_wrapper.optimizer.lr
+    for n, p in model.named_parameters():
+        assert lr[id(p)] == pytest.approx(base * literal(n, 0.8, TINY.vit_depth)), n
+    assert lr[id(dict(model.named_parameters())["backbone.vit.pos_embed"])] == pytest.approx(base * 0.8 ** (TINY.vit_depth + 1))
