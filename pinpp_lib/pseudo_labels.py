@@ -19,6 +19,7 @@ images/s; unreadable images are skipped and listed in `pseudo_report.txt`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ def compose(pred, label_ids: list[int], depth: dict[int, int], shape: tuple[int,
 
 
 MANIFEST = "seg_pseudo_manifest.json"  # under <converted>/train: the identity the pseudo labels there belong to
+RECORDS = "seg_pseudo_records_*.jsonl"   # under <converted>/train: per-image records, one file per shard
 
 
 def identity(run: dict, conv: Path, pc: PseudoConfig, sc: segmentation.SegConfig | None = None) -> store.Identity:
@@ -126,6 +128,9 @@ def pseudo_label(run: dict, converted: str | Path, sc: segmentation.SegConfig, p
         raise fileio.PinppError(f"{conv / 'train' / MANIFEST}: the pseudo labels there come from another part model, "
                                 f"part table, threshold or test setting ({why}); delete {conv / 'train'}/seg_pseudo_* and the "
                                 "manifest to relabel")
+    if not (conv / "train" / MANIFEST).exists():  # a fresh start: per-image records of an earlier attempt are not ours
+        for f in (conv / "train").glob(RECORDS):
+            f.unlink()
     fileio.write_json(conv / "train" / MANIFEST, ident.record(), indent=1)  # written first: labels in progress are its
     n_real = sum(_link_real_labels(conv, d) for d in dirs.values()) // len(dirs)
 
@@ -143,6 +148,7 @@ def pseudo_label(run: dict, converted: str | Path, sc: segmentation.SegConfig, p
 
     model, _ = segmentation.load_model(run, sc.device, dataclasses.replace(sc, score_thr=pc.det_score_thr))
     records, skipped = [], []
+    record_file = conv / "train" / RECORDS.replace("*", f"{k}of{n}")  # one per shard: processes never share a file
     t0 = time.time()
     for it, preds, err in seg_eval.infer(model, items, pc.batch_size, VARIANTS, desc="pseudo labels"):
         if err:
@@ -158,8 +164,11 @@ def pseudo_label(run: dict, converted: str | Path, sc: segmentation.SegConfig, p
                             "kept": int((pred.scores >= pc.score_thr).sum()) if len(pred) else 0, "parts painted": len(ids),
                             "labelled fraction": float((label > 0).mean()),
                             "parts of another class": sum(wnid_of[i] != wnid for i in ids)})
+        with open(record_file, "a") as f:  # after the image's PNGs: a resumed run reports the images labelled before
+            f.write("".join(json.dumps(r) + "\n" for r in records[-len(preds):]))
     seconds = time.time() - t0
     done = [rel for rel, _ in todo if all(masks.seg_path_for(d, rel).exists() for d in dirs.values())]
+    records = _all_records(conv / "train", done, dirs, wnid_of)
     _write_whether_pseudo(conv, samples, classes, {rel for rel, _ in unlabelled}, set(done))
     fileio.write_text(conv / "train" / "pseudo_report.txt",
                       "".join(s + "\n" for s in skipped) or "no unreadable images\n")
@@ -168,6 +177,32 @@ def pseudo_label(run: dict, converted: str | Path, sc: segmentation.SegConfig, p
                "still without a label": len(todo) - len(done),
                "seconds": round(seconds, 1), "images/s": round((len(pending) - len(skipped)) / max(seconds, 1e-9), 2)}
     return summary, pd.DataFrame(records)
+
+
+def _all_records(train: Path, done: list[str], dirs: dict[str, Path], wnid_of: dict[int, str]) -> list[dict]:
+    """Per-image records of the labelled images `done`, from this run and the runs it resumes (all shards), in the
+    order of `done` and of VARIANTS; the last record of an image and variant wins, a line cut short by a crash is
+    skipped. An image labelled before records were kept gets the fields its PNG gives (detections unknown: NaN)."""
+    order, vorder = {rel: i for i, rel in enumerate(done)}, list(VARIANTS)
+    latest: dict[tuple[str, str], dict] = {}
+    for f in sorted(train.glob(RECORDS)):
+        for line in f.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if r.get("file_name") in order:
+                latest[(r["file_name"], r["variant"])] = r
+    for rel in done:
+        for v in VARIANTS:
+            if (rel, v) not in latest:
+                label = masks.read_label_png(masks.seg_path_for(dirs[v], rel))
+                ids = [int(i) for i in np.unique(label) if i]
+                wnid = rel.split("/")[0]
+                latest[(rel, v)] = {"file_name": rel, "wnid": wnid, "variant": v, "detections": np.nan, "kept": np.nan,
+                                    "parts painted": len(ids), "labelled fraction": float((label > 0).mean()),
+                                    "parts of another class": sum(wnid_of.get(i) != wnid for i in ids)}
+    return [latest[k] for k in sorted(latest, key=lambda k: (order[k[0]], vorder.index(k[1])))]
 
 
 def _image_shape(path: Path) -> tuple[int, int]:

@@ -207,7 +207,13 @@ def test_pseudo_labels_are_written_resumably_and_feed_mpm_training(tiny_run, con
     assert flags[unlabelled[1][0]] == "1" and flags[f"{real_png.parent.name}/{real_png.stem}.JPEG"] == "0"
     assert unlabelled[0][0] not in flags
     again, recs2 = pseudo_labels.pseudo_label(tiny_run, conv, TINY, pc)  # resumed: only the unreadable one is tried
-    assert again["labelled now"] == 0 and again["labelled before (resumed)"] == len(unlabelled) - 1 and recs2.empty
+    assert again["labelled now"] == 0 and again["labelled before (resumed)"] == len(unlabelled) - 1
+    assert recs2.equals(recs) and len(recs) == 2 * (len(unlabelled) - 1)  # the records of the images labelled before
+    for f in (conv / "train").glob(pseudo_labels.RECORDS):  # labels written before records were kept: from the PNGs
+        f.unlink()
+    _, recs3 = pseudo_labels.pseudo_label(tiny_run, conv, TINY, pc)
+    cols = ["file_name", "variant", "parts painted", "labelled fraction", "parts of another class"]
+    assert recs3[cols].equals(recs[cols]) and recs3.detections.isna().all()
     with pytest.raises(PinppError, match=r"another part model, part table, threshold or test setting \(changed: score_thr 0.0 → 0.7\)"):
         pseudo_labels.pseudo_label(tiny_run, conv, TINY, dataclasses.replace(pc, score_thr=0.7))
     from pinpp_lib.datasets import PartSegDataset
