@@ -253,15 +253,14 @@ def resolve(profile: str = "smoke", data_root: str | Path | None = None, results
     merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in _OVERRIDES[profile].items()}
     for comp, vals in (overrides or {}).items():
         merged.setdefault(comp, {}).update(vals)
-    # the segmentation recipe (paper | authors_code) sets its fields first; the profile's and the user's overrides win
-    recipe = merged.get("seg", {}).get("recipe", SegConfig.recipe)
-    if recipe not in RECIPES:
-        raise PinppError(f"seg.recipe {recipe!r}: choose one of {', '.join(RECIPES)} (docs/FIDELITY.md, §5)")
-    merged["seg"] = {**RECIPES[recipe], **merged.get("seg", {})}
-    fs_recipe = merged.get("few_shot", {}).get("recipe", FewShotConfig.recipe)  # the same for few-shot (§6)
-    if fs_recipe not in FS_RECIPES:
-        raise PinppError(f"few_shot.recipe {fs_recipe!r}: choose one of {', '.join(FS_RECIPES)} (docs/FIDELITY.md, §6)")
-    merged["few_shot"] = {**FS_RECIPES[fs_recipe], **merged.get("few_shot", {})}
+    # the recipes (paper | authors_code: segmentation §5, few-shot §6) set their fields first; the profile's and the
+    # user's overrides win
+    for comp, default, recipes, section in (("seg", SegConfig.recipe, RECIPES, "§5"),
+                                            ("few_shot", FewShotConfig.recipe, FS_RECIPES, "§6")):
+        recipe = merged.get(comp, {}).get("recipe", default)
+        if recipe not in recipes:
+            raise PinppError(f"{comp}.recipe {recipe!r}: choose one of {', '.join(recipes)} (docs/FIDELITY.md, {section})")
+        merged[comp] = {**recipes[recipe], **merged.get(comp, {})}
     for comp, vals in merged.items():
         if not hasattr(s, comp) or comp == "paths":
             raise PinppError(f"unknown component {comp!r} in overrides")

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from . import fileio, layout, masks, plots, seg_eval, segmentation, store
+from . import fileio, layout, masks, plots, seg_eval, seg_recipes, segmentation, store
 from .checks import Checked, Rule, at_least, between
 from .datasets import list_image_folder
 
@@ -81,8 +81,7 @@ def identity(run: dict, conv: Path, pc: PseudoConfig, sc: segmentation.SegConfig
     """What the pseudo labels depend on: the part model's weights, the global part ids (`parts.json`, the
     values painted), the thresholds and the part model's test settings (resize, detections per image; `sc`).
     Images already labelled under the same identity are kept."""
-    test = {} if sc is None else {"max_dets": sc.max_dets, "test_resize": [sc.test_short, sc.test_long],
-                                  "rpn_test_proposals": sc.rpn_test_proposals}
+    test = {} if sc is None else seg_recipes.test_keys(sc)
     return store.Identity("pseudo-labels", {"score_thr": pc.score_thr, "det_score_thr": pc.det_score_thr,
                                             "variants": VARIANTS, **test},
                           {"model": run["sha256"], "parts": fileio.sha256_file(conv / "parts.json")})
@@ -147,25 +146,22 @@ def pseudo_label(run: dict, converted: str | Path, sc: segmentation.SegConfig, p
               "allowed_labels": allowed.get(classes[y], [])} for i, (rel, y) in enumerate(pending)]
 
     model, _ = segmentation.load_model(run, sc.device, dataclasses.replace(sc, score_thr=pc.det_score_thr))
-    records, skipped = [], []
+    skipped = []
     record_file = conv / "train" / RECORDS.replace("*", f"{k}of{n}")  # one per shard: processes never share a file
     t0 = time.time()
     for it, preds, err in seg_eval.infer(model, items, pc.batch_size, VARIANTS, desc="pseudo labels"):
         if err:
             skipped.append(f"{it['file_name']}: {err}")
             continue
-        wnid = it["file_name"].split("/")[0]
+        rows = []
         for v, pred in preds.items():
             shape = tuple(pred.masks.shape[1:]) if len(pred) else _image_shape(it["img_path"])
             label = compose(pred, run["cat_ids"], depth, shape, pc.score_thr)
             masks.write_label_png(masks.seg_path_for(dirs[v], it["file_name"]), label)
-            ids = [int(i) for i in np.unique(label) if i]
-            records.append({"file_name": it["file_name"], "wnid": wnid, "variant": v, "detections": len(pred),
-                            "kept": int((pred.scores >= pc.score_thr).sum()) if len(pred) else 0, "parts painted": len(ids),
-                            "labelled fraction": float((label > 0).mean()),
-                            "parts of another class": sum(wnid_of[i] != wnid for i in ids)})
+            rows.append(_record(it["file_name"], v, label, wnid_of, detections=len(pred),
+                                kept=int((pred.scores >= pc.score_thr).sum()) if len(pred) else 0))
         with open(record_file, "a") as f:  # after the image's PNGs: a resumed run reports the images labelled before
-            f.write("".join(json.dumps(r) + "\n" for r in records[-len(preds):]))
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
     seconds = time.time() - t0
     done = [rel for rel, _ in todo if all(masks.seg_path_for(d, rel).exists() for d in dirs.values())]
     records = _all_records(conv / "train", done, dirs, wnid_of)
@@ -177,6 +173,15 @@ def pseudo_label(run: dict, converted: str | Path, sc: segmentation.SegConfig, p
                "still without a label": len(todo) - len(done),
                "seconds": round(seconds, 1), "images/s": round((len(pending) - len(skipped)) / max(seconds, 1e-9), 2)}
     return summary, pd.DataFrame(records)
+
+
+def _record(rel: str, variant: str, label: np.ndarray, wnid_of: dict[int, str], detections: float, kept: float) -> dict:
+    """One image's record for one variant: its detections and those kept, and what its label map paints."""
+    ids = [int(i) for i in np.unique(label) if i]
+    wnid = rel.split("/")[0]
+    return {"file_name": rel, "wnid": wnid, "variant": variant, "detections": detections, "kept": kept,
+            "parts painted": len(ids), "labelled fraction": float((label > 0).mean()),
+            "parts of another class": sum(wnid_of.get(i) != wnid for i in ids)}
 
 
 def _all_records(train: Path, done: list[str], dirs: dict[str, Path], wnid_of: dict[int, str]) -> list[dict]:
@@ -197,11 +202,7 @@ def _all_records(train: Path, done: list[str], dirs: dict[str, Path], wnid_of: d
         for v in VARIANTS:
             if (rel, v) not in latest:
                 label = masks.read_label_png(masks.seg_path_for(dirs[v], rel))
-                ids = [int(i) for i in np.unique(label) if i]
-                wnid = rel.split("/")[0]
-                latest[(rel, v)] = {"file_name": rel, "wnid": wnid, "variant": v, "detections": np.nan, "kept": np.nan,
-                                    "parts painted": len(ids), "labelled fraction": float((label > 0).mean()),
-                                    "parts of another class": sum(wnid_of.get(i) != wnid for i in ids)}
+                latest[(rel, v)] = _record(rel, v, label, wnid_of, detections=np.nan, kept=np.nan)
     return [latest[k] for k in sorted(latest, key=lambda k: (order[k[0]], vorder.index(k[1])))]
 
 

@@ -26,7 +26,7 @@ import torch
 from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
-from . import fileio, jobs, plots, seg_lvis, segmentation, store
+from . import fileio, jobs, plots, seg_lvis, seg_recipes, segmentation, store
 from .segmentation import CONFIGS
 
 IOU_TYPES = {"segm": "mask", "bbox": "box"}
@@ -187,8 +187,7 @@ def detections(run: dict, converted: str | Path, split: str, eval_task: str, sc:
     variants = variants or PLAIN
     gt_file = segmentation.annotation_file(converted, eval_task, split)
     cache = detections_path(run, eval_task, split, variants)
-    settings = {"variants": variants, "score_thr": sc.score_thr, "allowed": allowed, "max_dets": sc.max_dets,
-                "test_resize": [sc.test_short, sc.test_long], "rpn_test_proposals": sc.rpn_test_proposals}
+    settings = {"variants": variants, "score_thr": sc.score_thr, "allowed": allowed, **seg_recipes.test_keys(sc)}
     if sc.eval_images:
         settings["eval_images"] = sc.eval_images
     ident = store.Identity("detections", settings,
@@ -229,6 +228,7 @@ def evaluate_run(run: dict, converted: str | Path, split: str, eval_task: str, s
     gt = fileio.read_json(gt_file, "COCO annotation file", "re-run `pinpp convert`")
     train_file = segmentation.annotation_file(converted, eval_task, "train")
     train = fileio.read_json(train_file, "COCO annotation file", "re-run `pinpp convert`") if train_file.exists() else None
+    names = {c["id"]: c["name"] for c in gt["categories"]}
     for v, d in dets.items():
         row = {**key, "variant": v, "detections": len(d)}
         for iou, label in IOU_TYPES.items():
@@ -240,7 +240,6 @@ def evaluate_run(run: dict, converted: str | Path, split: str, eval_task: str, s
             lv, lper = seg_lvis.lvis_evaluate(gt, d, iou, ids, neg=sc.lvis_neg, train=train, index=sc.lvis_index)
             row[f"{label} AP (LVIS)"], row[f"{label} AP50 (LVIS)"] = lv["AP"], lv["AP50"]
             row[f"{label} object AP (LVIS)"], row[f"{label} part AP (LVIS)"] = lv["object AP"], lv["part AP"]
-            names = {c["id"]: c["name"] for c in gt["categories"]}
             per_cat.append(lper.assign(category=[names[c] for c in lper.category_id], **key, variant=v,
                                        metric=f"{label} (LVIS)"))
         rows.append(row)
@@ -265,11 +264,12 @@ def _present(rows: pd.DataFrame) -> list[str]:
 def table10(rows: pd.DataFrame) -> pd.DataFrame:
     """Object segmentation: object-only vs object+part training, both scored on objects; the delta
     (object+part − object-only) per metric, with its standard deviation over seeds when there are several."""
-    piv = rows.pivot_table(index=["model", "seed"], columns="trained on", values=_present(rows), sort=False)
+    present = _present(rows)
+    piv = rows.pivot_table(index=["model", "seed"], columns="trained on", values=present, sort=False)
     out = []
     for model, df in piv.groupby(level=0, sort=False):
         r: dict[str, Any] = {"model": model}
-        for m in [m for m in ("mask AP", "box AP", "mask AP50", "mask AP (LVIS)") if m in _present(rows)]:
+        for m in [m for m in ("mask AP", "box AP", "mask AP50", "mask AP (LVIS)") if m in present]:
             obj, both = df[(m, "objects")], df[(m, "objects+parts")]
             delta = both - obj
             r[f"{m} object-only"], r[f"{m} object+part"] = obj.mean(), both.mean()

@@ -145,6 +145,7 @@ def lvis_evaluate(gt: str | Path | dict, dets: list[dict], iou_type: str, img_id
         per = pd.DataFrame({"category_id": cats, "AP": [0.0 if n_gt[c] else np.nan for c in cats]})
         per["AP50"] = per["AP"]
         prec = None
+        summary = {"AP": _mean(list(per.AP)), "AP50": _mean(list(per.AP50)), "APr": np.nan, "APc": np.nan, "APf": np.nan}
     else:
         from lvis import LVISEval, LVISResults
         res = copy.deepcopy(dets)
@@ -159,17 +160,12 @@ def lvis_evaluate(gt: str | Path | dict, dets: list[dict], iou_type: str, img_id
         prec = ev.eval["precision"]  # T × R × K × areas, K in the order of `cats`
         per = pd.DataFrame({"category_id": cats, "AP": [_ap(prec[:, :, k, 0]) for k in range(len(cats))],
                             "AP50": [_ap(prec[0, :, k, 0]) for k in range(len(cats))]})
-    summary: dict[str, float] = {}
-    if prec is not None:
         r = ev.get_results()
-        summary.update({k: float(r[k]) * 100 if r[k] > -1 else np.nan for k in ("AP", "AP50", "APr", "APc", "APf")})
-    else:
-        summary.update({"AP": _mean(list(per.AP)), "AP50": _mean(list(per.AP50)), "APr": np.nan, "APc": np.nan,
-                        "APf": np.nan})
+        summary = {k: float(r[k]) * 100 if r[k] > -1 else np.nan for k in ("AP", "AP50", "APr", "APc", "APf")}
+    at = per.set_index("category_id")
     for group in ("object", "part"):
         members = [c for c in cats if super_of[c] == group]
         if index == "position" or prec is None:
-            at = per.set_index("category_id")
             summary[f"{group} AP"] = _mean([at.AP[c] for c in members])
             summary[f"{group} AP50"] = _mean([at.AP50[c] for c in members])
         else:  # the authors' call: the id used as the position in the precision array

@@ -101,6 +101,16 @@ def apply_recipe(cfg: Any, sc: Any, world_size: int = 1) -> None:
     steps.update(end=sc.iters, milestones=[round(f * sc.iters) for f in sc.lr_steps])
 
 
+# SegConfig fields that `apply_test` sets: not a training run's identity, but that of what is scored with it
+TEST_FIELDS = ("score_thr", "max_dets", "rpn_test_proposals", "test_short", "test_long")
+
+
+def test_keys(sc: Any) -> dict[str, Any]:
+    """The test-time settings (but the score threshold, which each caller keys under its own name) that key cached
+    detections and pseudo labels."""
+    return {"max_dets": sc.max_dets, "test_resize": [sc.test_short, sc.test_long], "rpn_test_proposals": sc.rpn_test_proposals}
+
+
 def apply_test(cfg: Any, sc: Any) -> None:
     """Set the test-time fields of `sc` on a config: resize, proposals, score threshold, detections per image.
 

@@ -273,9 +273,8 @@ def _identity(name: str, task: str, seed: int, sc: SegConfig, ann_file: Path) ->
     """What makes two runs the same run: the config, task, seed, training settings (not the device, loader workers
     or test-time settings, which `load_model` applies) and the bytes of the training file."""
     d = {k: v for k, v in dataclasses.asdict(sc).items()
-         if k not in ("recipe", "models", "object_models", "pseudo_model", "table9_task", "seeds", "workers", "device", "test_batch", "score_thr",
-                       "max_dets", "rpn_test_proposals", "test_short", "test_long", "log_every", "eval_images", "lvis_neg",
-                       "lvis_index", "jobs")}
+         if k not in ("recipe", "models", "object_models", "pseudo_model", "table9_task", "seeds", "workers", "device", "test_batch",
+                       *seg_recipes.TEST_FIELDS, "log_every", "eval_images", "lvis_neg", "lvis_index", "jobs")}
     return store.Identity("seg-train", {"config": name, "task": task, "seed": seed, "seg": d, "train_file": ann_file.name},
                           {"train_file": fileio.sha256_file(ann_file)})
 
