@@ -16,6 +16,8 @@ fields into the mmdet config so that each detectron2 choice has its mmdet equiva
                      processes under torchrun: torch's SyncBatchNorm runs on GPUs only)
     box_head         4conv1fc: 4 × (3×3 conv 256 + norm + ReLU) + 1 fc 1024 (new_baselines, `conv_norm`)
     rpn_convs        2 (new_baselines: `proposal_generator.head.conv_dims = [-1, -1]`)
+    cascade          "detectron2": `Detectron2CascadeRoIHead` (seg_cascade) with L1 box loss, unweighted stages and
+                     stages 2–3 unsampled, as the authors' `r50_fpn_cascade.py` on CascadeROIHeads | "mmdet"
     optimiser        SGD momentum 0.9, lr, weight decay 4e-5, none on normalisation layers (weight_decay_norm = 0);
                      ViT backbones: detectron2's layer-wise lr decay (vit_lr_decay, LayerDecayOptimWrapperConstructor)
     schedule         linear warm-up from warmup_factor over warmup_iters, ×0.1 at lr_steps
@@ -76,6 +78,13 @@ def apply_recipe(cfg: Any, sc: Any, world_size: int = 1) -> None:
         head.prior_prob = sc.cls_prior
     if sc.box_head == "4conv1fc":
         model.roi_head.mask_head.norm_cfg = norm
+    if model.roi_head.type == "CascadeRoIHead" and sc.cascade == "detectron2":
+        model.roi_head.type = "Detectron2CascadeRoIHead"  # one mask head, 1/3 gradient, mean of probabilities
+        model.roi_head.stage_loss_weights = [1.0] * model.roi_head.num_stages
+        for head in stages(model.roi_head.bbox_head):
+            head.loss_bbox = dict(type="L1Loss", loss_weight=1.0)  # FastRCNNOutputLayers' smooth_l1_beta = 0
+        for stage in cfg.model.train_cfg.rcnn[1:]:  # every box of the previous stage, none added
+            stage.sampler = dict(type="PseudoSampler")
     # augmentation
     if sc.augment == "resize_shortest":
         pipeline = cfg.train_dataloader.dataset.dataset.pipeline
@@ -133,7 +142,8 @@ def recipe_note(sc: Any) -> str:
     init = "ImageNet-pretrained" if sc.pretrained else "from scratch"
     joint = "Table 9: the joint object+part models' parts; " if sc.table9_task == "objects+parts" else ""
     return (f"Recipe: {sc.recipe} ({joint}{aug}, tested at {sc.test_short}/{sc.test_long}; {init}, {sc.norm}, {sc.box_head} box head, "
-            f"{sc.rois_per_image} RoIs/image, {sc.iters} iterations, width ×{sc.width:g}); the other recipe: "
+            f"{sc.rois_per_image} RoIs/image, {sc.cascade}-style cascade heads, {sc.iters} iterations, width ×{sc.width:g}); "
+            "the other recipe: "
             f"seg.recipe={'authors_code' if sc.recipe == 'paper' else 'paper'} (docs/FIDELITY.md, §5). "
             "AP: pycocotools, COCO-style (100 detections per image; the paper's numbers); '(LVIS)' columns: the "
             f"authors' PACO/LVIS evaluator (300 detections per image, negatives '{sc.lvis_neg}', seg.lvis_neg; "

@@ -70,6 +70,7 @@ class SegConfig(Checked):
     amp: bool = True             # train.amp.enabled (CUDA only: a CPU run trains in fp32)
     norm: str = "SyncBN"         # backbone, FPN and head convs (SyncBN over one process is BatchNorm exactly)
     box_head: str = "4conv1fc"   # "4conv1fc" (4 convs with norm + 1 fc, new_baselines) | "2fc" (mmdet's default)
+    cascade: str = "detectron2"  # cascade heads as detectron2's CascadeROIHeads (seg_cascade) | "mmdet" (its CascadeRoIHead)
     rpn_convs: int = 2           # new_baselines: 2 convs in the RPN head
     width: float = 1.0           # channel multiplier of backbone/neck/heads (1.0 = the published models)
     vit_depth: int = 12
@@ -98,7 +99,7 @@ class SegConfig(Checked):
         "recipe": one_of(*RECIPES), "augment": one_of("lsj", "resize_shortest"), "train_short": at_least(16),
         "train_long": at_least(16), "test_short": at_least(16), "test_long": at_least(16),
         "warmup_factor": between(0, 1), "norm_decay": at_least(0), "norm": one_of("BN", "SyncBN"),
-        "lvis_neg": one_of(*seg_lvis.NEG), "lvis_index": one_of(*seg_lvis.INDEX), "box_head": one_of("4conv1fc", "2fc"), "rpn_convs": at_least(1), "max_dets": at_least(1), "rpn_test_proposals": at_least(1),
+        "lvis_neg": one_of(*seg_lvis.NEG), "lvis_index": one_of(*seg_lvis.INDEX), "box_head": one_of("4conv1fc", "2fc"), "cascade": one_of("detectron2", "mmdet"), "rpn_convs": at_least(1), "max_dets": at_least(1), "rpn_test_proposals": at_least(1),
         "seeds": each(at_least(0)), "image_size": at_least(32), "batch_size": at_least(1), "lr": above(0), "iters": at_least(1),
         "lr_steps": all_of(each(between(0, 1)), ordered), "warmup_iters": at_least(0), "weight_decay": at_least(0),
         "width": above(0), "vit_depth": at_least(1), "vit_lr_decay": between(0, 1), "num_fed_classes": at_least(1), "rois_per_image": at_least(1),
@@ -274,7 +275,8 @@ def _identity(name: str, task: str, seed: int, sc: SegConfig, ann_file: Path) ->
     or test-time settings, which `load_model` applies) and the bytes of the training file."""
     d = {k: v for k, v in dataclasses.asdict(sc).items()
          if k not in ("recipe", "models", "object_models", "pseudo_model", "table9_task", "seeds", "workers", "device", "test_batch",
-                       *seg_recipes.TEST_FIELDS, "log_every", "eval_images", "lvis_neg", "lvis_index", "jobs")}
+                       *seg_recipes.TEST_FIELDS, "log_every", "eval_images", "lvis_neg", "lvis_index", "jobs")
+         and (k != "cascade" or name.startswith("cascade"))}  # the cascade heads' choice is no other model's identity
     return store.Identity("seg-train", {"config": name, "task": task, "seed": seed, "seg": d, "train_file": ann_file.name},
                           {"train_file": fileio.sha256_file(ann_file)})
 

@@ -358,6 +358,7 @@ def test_recipes_build_the_papers_and_the_authors_configs(converted, tmp_path):
     assert (code.augment, code.train_short, code.train_long, code.test_short, code.test_long) == ("resize_shortest", 375, 500, 375, 500)
     assert (paper.table9_task, code.table9_task) == ("parts", "objects+parts")  # r50_fpn.py: num_classes = 4308
     assert "joint object+part" in seg_recipes.recipe_note(code) and "joint" not in seg_recipes.recipe_note(paper)
+    assert "detectron2-style cascade heads" in seg_recipes.recipe_note(paper)
     assert {f: getattr(paper, f) for f in ("recipe", "augment", "test_short", "test_long")} != \
         {f: getattr(code, f) for f in ("recipe", "augment", "test_short", "test_long")}
     assert config.resolve("full", data_root=tmp_path, overrides={"seg": {"recipe": "authors_code", "test_short": 600}}).seg.test_short == 600

@@ -9,7 +9,7 @@
 # `pinpp_lib.segmentation.build_config` fills in what depends on the data and the run: the annotation
 # files and image root, the classes (`num_classes`, the federated loss's frequency file), image size,
 # iterations, batch, width (smoke shrinks these only), seed and device. Fields marked FILLED are set there.
-custom_imports = dict(imports=["pinpp_lib.seg_models"], allow_failed_imports=False)
+custom_imports = dict(imports=["pinpp_lib.seg_models", "pinpp_lib.seg_cascade"], allow_failed_imports=False)
 default_scope = "mmdet"
 
 image_size = (1024, 1024)
