@@ -8,7 +8,9 @@ import this module through `custom_imports`, so torchrun workers register them t
     PartFilterBBoxHead    ConvFCBBoxHead (2fc, or detectron2's 4conv1fc) + two inference options: the Category Filter (CF, §4.1:
                           scores of categories outside an image's `allowed_labels` are zeroed) and
                           `single_label` (one label per RoI: its argmax) used when pseudo-labelling
-    TimmViT               a timm ViT (ViT-S/16: embed 384, depth 12) as a single-scale backbone
+    TimmViT               a timm ViT (ViT-S/16: embed 384, depth 12) as a single-scale backbone, plain or ViTDet's
+                          (window attention, relative positions, square padding)
+    LN2d                  channel LayerNorm of conv features (detectron2's "LN" conv_norm), as an mmcv norm layer
     SimpleFeaturePyramid  ViTDet's simple feature pyramid: strides 4/8/16/32 (+64) from the stride-16 map
     PlainHistoryHook      keeps mmengine's resume checkpoints loadable with torch.load(weights_only=True)
 """
@@ -168,28 +170,56 @@ def filter_logits(cls_score: Tensor, num_classes: int, allowed: Optional[Sequenc
 class TimmViT(BaseModule):
     """A timm ViT as a plain backbone: returns the stride-`patch` map of its last block, (B, C, H/p, W/p).
 
-    `dynamic_img_size` lets one model run at the training crop and at any padded test size (the
-    position embedding is resampled). Smaller widths/depths (smoke) are passed as overrides.
+    style "plain": timm's `VisionTransformer` (global attention in every block, a final norm); `dynamic_img_size`
+    lets one model run at the training crop and at any padded test size (the position embedding is resampled).
+    style "vitdet": ViTDet's backbone (detectron2 `modeling/backbone/vit.py` as `common/models/mask_rcnn_vitdet.py`
+    builds it) on timm's `VisionTransformerSAM`, which restates it: window attention (`window_size` 14) except in
+    `global_blocks` (2, 5, 8, 11), decomposed relative position embeddings, LayerNorm eps 1e-6, no final norm; inputs
+    zero-padded (after normalisation) to a `square_pad`² square at the bottom right, as detectron2's `square_pad`
+    (a larger image is padded to its own size, multiple of the patch, and the absolute position embedding resampled,
+    where detectron2 would crop). Smaller widths/depths (smoke) are passed as overrides.
     """
 
     def __init__(self, model_name: str = "vit_small_patch16_224", img_size: int = 1024, pretrained: bool = False,
                  drop_path_rate: float = 0.1, embed_dim: Optional[int] = None, depth: Optional[int] = None,
-                 num_heads: Optional[int] = None, init_cfg=None):
+                 num_heads: Optional[int] = None, style: str = "plain", window_size: int = 14,
+                 global_blocks: Sequence[int] = (2, 5, 8, 11), square_pad: int = 0, init_cfg=None):
         super().__init__(init_cfg)
         import timm
         kw = {k: v for k, v in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)) if v is not None}
-        try:
-            self.vit = timm.create_model(model_name, pretrained=pretrained, img_size=img_size, dynamic_img_size=True,
-                                         num_classes=0, global_pool="", drop_path_rate=drop_path_rate, **kw)
-        except Exception as e:  # offline hub: many exception types, one meaning
-            if not pretrained:
-                raise
-            raise fileio.PinppError(f"timm weights for {model_name} cannot be loaded here ({type(e).__name__}); put them in "
-                                    "the Hugging Face cache (HF_HOME) or set seg.pretrained=None") from None
+        self.square_pad = square_pad
+        if style == "vitdet":
+            if pretrained:
+                raise fileio.PinppError("no ViTDet-style ViT-S weights exist to load (MAE released ViT-B/L/H only); "
+                                        "set seg.pretrained=False or seg.vit_style=plain for timm's ViT-S")
+            from functools import partial
+            from timm.models.vision_transformer_sam import VisionTransformerSAM
+            self.vit = VisionTransformerSAM(img_size=img_size, patch_size=16, num_classes=0, neck_chans=0, window_size=window_size,
+                                            global_attn_indexes=tuple(global_blocks), use_rel_pos=True, use_abs_pos=True,
+                                            drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                                            **{"embed_dim": 384, "depth": 12, "num_heads": 6, **kw})
+            self.vit.neck = nn.Identity()  # detectron2's ViT has no final norm
+        elif style == "plain":
+            try:
+                self.vit = timm.create_model(model_name, pretrained=pretrained, img_size=img_size, dynamic_img_size=True,
+                                             num_classes=0, global_pool="", drop_path_rate=drop_path_rate, **kw)
+            except Exception as e:  # offline hub: many exception types, one meaning
+                if not pretrained:
+                    raise
+                raise fileio.PinppError(f"timm weights for {model_name} cannot be loaded here ({type(e).__name__}); put them "
+                                        "in the Hugging Face cache (HF_HOME) or set seg.pretrained=None") from None
+        else:
+            raise ValueError(f"TimmViT style {style!r}: 'plain' or 'vitdet'")
+        self.style = style
         self.patch = self.vit.patch_embed.patch_size[0]
         self.out_channels = self.vit.embed_dim
 
     def forward(self, x: Tensor) -> tuple[Tensor]:
+        if self.style == "vitdet":
+            h, w = x.shape[-2:]
+            side = max(self.square_pad, -(-h // self.patch) * self.patch, -(-w // self.patch) * self.patch)
+            x = F.pad(x, (0, side - w, 0, side - h))
+            return (self.vit.forward_features(x).contiguous(),)  # (B, C, H/p, W/p): the SAM ViT's NHWC → NCHW already
         b, _, h, w = x.shape
         tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens:]
         return (tokens.transpose(1, 2).reshape(b, -1, h // self.patch, w // self.patch),)
@@ -229,6 +259,17 @@ class SimpleFeaturePyramid(BaseModule):
             outs.append(F.max_pool2d(outs[-1], 1, stride=2))
         return tuple(outs)
 
+
+def _register_ln2d() -> None:
+    """detectron2's `LayerNorm` (over the channels of each pixel, eps 1e-6) — the "LN" conv_norm of ViTDet's box and
+    mask heads — as the mmcv norm type "LN2d" (mmcv's "LN" normalises the last dimension, the width)."""
+    from mmengine.registry import MODELS as ROOT
+    from timm.layers import LayerNorm2d
+    if ROOT.get("LN2d") is None:
+        ROOT.register_module("LN2d", module=LayerNorm2d)
+
+
+_register_ln2d()
 
 _BUFFER_TAG = "__pinpp_history_buffer__"
 

@@ -16,6 +16,10 @@ fields into the mmdet config so that each detectron2 choice has its mmdet equiva
                      processes under torchrun: torch's SyncBatchNorm runs on GPUs only)
     box_head         4conv1fc: 4 × (3×3 conv 256 + norm + ReLU) + 1 fc 1024 (new_baselines, `conv_norm`)
     rpn_convs        2 (new_baselines: `proposal_generator.head.conv_dims = [-1, -1]`)
+    vit_style        "vitdet": ViTDet's backbone and optimiser (window attention + relative positions, square padding,
+                     LN in the head convs, AdamW lr vit_lr wd vit_weight_decay, none on pos_embed, warm-up from 0.001),
+                     read from PACO's vit_b_fpn_100_ep.py — the authors' vit_s_fpn.py imports a vit_b_fpn their
+                     repository lacks | "plain": timm's ViT-S with global attention, trained as the R50 configs
     cascade          "detectron2": `Detectron2CascadeRoIHead` (seg_cascade) with L1 box loss, unweighted stages and
                      stages 2–3 unsampled, as the authors' `r50_fpn_cascade.py` on CascadeROIHeads | "mmdet"
     optimiser        SGD momentum 0.9, lr, weight decay 4e-5, none on normalisation layers (weight_decay_norm = 0);
@@ -41,6 +45,11 @@ RECIPES: dict[str, dict[str, Any]] = {
                      # its parts (the run notebook 03 trains for Table 10's object+part row)
                      "table9_task": "objects+parts"},
 }
+
+
+# detectron2 `configs/common/data/constants.py` imagenet_rgb256_mean / _std (mask_rcnn_vitdet.py's pixel statistics)
+IMAGENET_MEAN, IMAGENET_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+VITDET_WARMUP_FACTOR = 0.001  # mask_rcnn_vitdet_b_100ep.py and PACO's vit_b_fpn_100_ep.py
 
 
 def walk(node: Any, fn) -> None:
@@ -70,14 +79,19 @@ def apply_recipe(cfg: Any, sc: Any, world_size: int = 1) -> None:
         model.backbone.norm_cfg = norm
         model.neck.norm_cfg = norm
     model.rpn_head.num_convs = sc.rpn_convs
+    vitdet = model.backbone.type == "TimmViT" and sc.vit_style == "vitdet"
+    if vitdet:  # mask_rcnn_vitdet.py: square padding, ImageNet pixel statistics, "LN" in the head convs
+        model.backbone.update(style="vitdet", square_pad=sc.image_size)
+        model.data_preprocessor.update(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    head_norm = dict(type="LN2d", eps=1e-6, requires_grad=True) if vitdet else norm
     convs = max(8, int(round(256 * sc.width)))  # 256 channels, narrowed with the rest of the model (smoke)
     for head in stages(model.roi_head.bbox_head):
         if sc.box_head == "4conv1fc":
-            head.update(num_shared_convs=4, num_shared_fcs=1, conv_out_channels=convs, norm_cfg=norm)
+            head.update(num_shared_convs=4, num_shared_fcs=1, conv_out_channels=convs, norm_cfg=head_norm)
         head.loss_cls.count_background = sc.fed_count_background
         head.prior_prob = sc.cls_prior
     if sc.box_head == "4conv1fc":
-        model.roi_head.mask_head.norm_cfg = norm
+        model.roi_head.mask_head.norm_cfg = head_norm
     if model.roi_head.type == "CascadeRoIHead" and sc.cascade == "detectron2":
         model.roi_head.type = "Detectron2CascadeRoIHead"  # one mask head, 1/3 gradient, mean of probabilities
         model.roi_head.stage_loss_weights = [1.0] * model.roi_head.num_stages
@@ -102,11 +116,14 @@ def apply_recipe(cfg: Any, sc: Any, world_size: int = 1) -> None:
     if model.backbone.type == "TimmViT":  # vit_s_fpn.py: lr_factor_func = get_vit_lr_decay_rate(rate 0.8, 12 layers)
         cfg.optim_wrapper.constructor = "LayerDecayOptimWrapperConstructor"
         cfg.optim_wrapper.paramwise_cfg.update(lr_decay_rate=sc.vit_lr_decay, num_layers=sc.vit_depth)
+    if vitdet:  # ViTDet / PACO vit_b: AdamW (β 0.9, 0.999), wd 0.1 but none on pos_embed and norms, warm-up from 0.001
+        cfg.optim_wrapper.optimizer = dict(type="AdamW", lr=sc.vit_lr, betas=(0.9, 0.999), weight_decay=sc.vit_weight_decay)
+        cfg.optim_wrapper.paramwise_cfg.update(custom_keys={"pos_embed": dict(decay_mult=0.0)})
     if sc.amp and cuda:
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.loss_scale = "dynamic"
     warm, steps = cfg.param_scheduler
-    warm.update(start_factor=sc.warmup_factor, end=min(sc.warmup_iters, sc.iters))
+    warm.update(start_factor=VITDET_WARMUP_FACTOR if vitdet else sc.warmup_factor, end=min(sc.warmup_iters, sc.iters))
     steps.update(end=sc.iters, milestones=[round(f * sc.iters) for f in sc.lr_steps])
 
 

@@ -75,6 +75,9 @@ class SegConfig(Checked):
     width: float = 1.0           # channel multiplier of backbone/neck/heads (1.0 = the published models)
     vit_depth: int = 12
     vit_lr_decay: float = 0.8    # vit_s_fpn.py: layer-wise lr decay (detectron2 get_vit_lr_decay_rate); 1.0: none
+    vit_style: str = "vitdet"    # ViTDet's backbone + AdamW (PACO's vit_b_fpn) | "plain": timm ViT, SGD (seg_recipes)
+    vit_lr: float = 2e-4         # "vitdet": AdamW lr (PACO vit_b_fpn_100_ep.py; the authors' value is not published)
+    vit_weight_decay: float = 0.1  # "vitdet": AdamW weight decay (detectron2 common/optim.py AdamW)
     pretrained: bool = False     # the code trains from scratch (init_checkpoint ""); True: ImageNet-pretrained backbones
     num_fed_classes: int = 50    # detectron2's fed_loss_num_classes; the background counts among them (seg_models)
     fed_count_background: bool = True
@@ -102,7 +105,8 @@ class SegConfig(Checked):
         "lvis_neg": one_of(*seg_lvis.NEG), "lvis_index": one_of(*seg_lvis.INDEX), "box_head": one_of("4conv1fc", "2fc"), "cascade": one_of("detectron2", "mmdet"), "rpn_convs": at_least(1), "max_dets": at_least(1), "rpn_test_proposals": at_least(1),
         "seeds": each(at_least(0)), "image_size": at_least(32), "batch_size": at_least(1), "lr": above(0), "iters": at_least(1),
         "lr_steps": all_of(each(between(0, 1)), ordered), "warmup_iters": at_least(0), "weight_decay": at_least(0),
-        "width": above(0), "vit_depth": at_least(1), "vit_lr_decay": between(0, 1), "num_fed_classes": at_least(1), "rois_per_image": at_least(1),
+        "width": above(0), "vit_depth": at_least(1), "vit_lr_decay": between(0, 1), "vit_style": one_of("vitdet", "plain"), "vit_lr": above(0),
+        "vit_weight_decay": at_least(0), "num_fed_classes": at_least(1), "rois_per_image": at_least(1),
         "rfs_threshold": at_least(0), "workers": at_least(0), "ckpt_every": at_least(1), "log_every": at_least(1),
         "test_batch": at_least(1), "score_thr": between(0, 1), "eval_images": at_least(0), "jobs": at_least(1),
         "device": device_name}
@@ -270,13 +274,18 @@ def _run(name: str, task: str, converted: str | Path, work: str | Path, sc: SegC
     return run_dir(work, name, task, seed), ann, _identity(name, task, seed, sc, ann)
 
 
+# SegConfig fields only some configs read, and the part of the config name that marks them (vit_depth and vit_lr_decay
+# predate this and stay in every run's identity, so that finished runs stay valid)
+MODEL_ONLY = {"cascade": "cascade", "vit_style": "vit", "vit_lr": "vit", "vit_weight_decay": "vit"}
+
+
 def _identity(name: str, task: str, seed: int, sc: SegConfig, ann_file: Path) -> store.Identity:
     """What makes two runs the same run: the config, task, seed, training settings (not the device, loader workers
     or test-time settings, which `load_model` applies) and the bytes of the training file."""
     d = {k: v for k, v in dataclasses.asdict(sc).items()
          if k not in ("recipe", "models", "object_models", "pseudo_model", "table9_task", "seeds", "workers", "device", "test_batch",
                        *seg_recipes.TEST_FIELDS, "log_every", "eval_images", "lvis_neg", "lvis_index", "jobs")
-         and (k != "cascade" or name.startswith("cascade"))}  # the cascade heads' choice is no other model's identity
+         and (k not in MODEL_ONLY or MODEL_ONLY[k] in name)}  # a choice one kind of model reads is no other's identity
     return store.Identity("seg-train", {"config": name, "task": task, "seed": seed, "seg": d, "train_file": ann_file.name},
                           {"train_file": fileio.sha256_file(ann_file)})
 
