@@ -105,7 +105,7 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
                                           size=64, seed=5),
                      "split": (10, 5, 5), "channels": (16, 32, 64, 128), "channels_deepemd": (16, 32, 64, 128),
                      "branch_channels": (8, 16, 32),
-                     "size_meta_baseline": 40, "size_deepemd": 40, "emd_regions": 3, "n_query": 5,
+                     "size_meta_baseline": 40, "size_deepemd": 40, "emd_regions": 3, "sfc_steps": 20, "n_query": 5,
                      "pretrain_epochs": 12, "batch_size": 50, "pretrain_lr": 0.05, "meta_episodes": 10, "meta_lr": 0.002,
                      "eval_episodes": 32, "workers": 0, "device": "cpu", "jobs": 2},
     },

@@ -54,7 +54,13 @@ class FewShotConfig(Checked):
     size_meta_baseline: int = 80
     size_deepemd: int = 84
     m_parts: int = 3
-    emd_regions: int = 5               # DeepEMD nodes per image: random patches (object) or part boxes (object+part)
+    emd_regions: int = 9               # DeepEMD nodes per image: random patches (object) or part boxes (object+part); code: 9
+    emd_patches: str = "rrc"           # DeepEMD's random patches: "rrc" RandomResizedCrop + flip (its sampling loader) | "rect"
+    emd_kshot: str = "sfc"             # DeepEMD k-shot: "sfc" structured FC prototypes (code) | "nodes": union of the supports
+    sfc_steps: int = 100               # SFC fine-tuning passes (code: sfc_update_step), batch sfc_batch, SGD lr sfc_lr
+    sfc_lr: float = 0.1
+    sfc_batch: int = 4
+    meta_shot_deepemd: int = 0         # DeepEMD meta-training shot; 0: at each test shot (its train_meta.py -shot)
     n_way: int = 5
     shots: tuple[int, ...] = (1, 5)
     n_query: int = 15
@@ -81,6 +87,8 @@ class FewShotConfig(Checked):
         "split": each(at_least(0)), "channels": each(at_least(1)), "channels_deepemd": each(at_least(1)),
         "branch_channels": each(at_least(1)),
         "size_meta_baseline": at_least(8), "size_deepemd": at_least(8), "m_parts": at_least(0), "emd_regions": at_least(1),
+        "emd_patches": one_of("rrc", "rect"), "emd_kshot": one_of("sfc", "nodes"), "sfc_steps": at_least(0), "sfc_lr": above(0),
+        "sfc_batch": at_least(1), "meta_shot_deepemd": at_least(0),
         "n_way": at_least(2), "shots": each(at_least(1)), "n_query": at_least(1), "pretrain_epochs": at_least(0),
         "pretrain_lr": above(0), "pretrain_milestones": each(between(0, 1)), "batch_size": at_least(1),
         "pretrain_augment": one_of(*AUGMENTS), "meta_augment": one_of(*AUGMENTS),
@@ -105,7 +113,7 @@ def datasets(samples: list[Sample], cfg: FewShotConfig, method: str, variant: st
     size = cfg.size_deepemd if method == "deepemd" else cfg.size_meta_baseline
     use = samples if variant == "object+part" else [dataclasses.replace(s, boxes=[]) for s in samples]  # object: random patches
     return PartImageDataset(use, {w: i for i, w in enumerate(names)}, size, _regions(method, variant, cfg), cfg.seed, train,
-                            augment)
+                            augment, fill=cfg.emd_patches if method == "deepemd" else "rect")
 
 
 def build(method: str, variant: str, cfg: FewShotConfig) -> FewShotNet:
@@ -151,7 +159,9 @@ def milestones(cfg: FewShotConfig) -> list[int]:
     return [round(f * cfg.pretrain_epochs) for f in cfg.pretrain_milestones]
 
 
-def _episode_logits(model: FewShotNet, method: str, ds: Any, ep: dict[str, Any], n_way: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _episode_logits(model: FewShotNet, method: str, ds: Any, ep: dict[str, Any], cfg: FewShotConfig,
+                    dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    n_way = cfg.n_way
     remap = {c: i for i, c in enumerate(ep["classes"])}
     batch = [ds[i] for i in ep["support"] + ep["query"]]
     x = torch.stack([b[0] for b in batch]).to(dev)
@@ -160,7 +170,9 @@ def _episode_logits(model: FewShotNet, method: str, ds: Any, ep: dict[str, Any],
     f = _features(model, method, x, parts)
     ns = len(ep["support"])
     if method == "deepemd":
-        return emd_scores(f[:ns], y[:ns], f[ns:], n_way), y[ns:]
+        sfc = {"steps": cfg.sfc_steps, "lr": cfg.sfc_lr, "batch": cfg.sfc_batch}
+        gen = torch.Generator().manual_seed(int(ep["seed"]))  # the SFC's batch order, per episode
+        return emd_scores(f[:ns], y[:ns], f[ns:], n_way, kshot=cfg.emd_kshot, sfc=sfc, generator=gen), y[ns:]
     return centroid_scores(f[:ns], y[:ns], f[ns:], n_way, model.temperature), y[ns:]
 
 
@@ -171,7 +183,7 @@ def meta_train(model: FewShotNet, ds: PartImageDataset, cfg: FewShotConfig, meth
     eps = draw_episodes(ds.targets(), cfg.n_way, shot, cfg.n_query, cfg.meta_episodes, cfg.seed + 17)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.meta_lr, momentum=0.9, weight_decay=cfg.weight_decay)
     for ep in tqdm(eps, desc=f"meta-training {shot}-shot", leave=False):
-        logits, y = _episode_logits(model, method, ds, ep, cfg.n_way, dev)
+        logits, y = _episode_logits(model, method, ds, ep, cfg, dev)
         loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -233,7 +245,7 @@ def evaluate(model: FewShotNet, samples: list[Sample], cfg: FewShotConfig, metho
     out = []
     with torch.no_grad():
         for i, ep in enumerate(tqdm(eps, desc=f"evaluating {shot}-shot", leave=False)):
-            logits, y = _episode_logits(model, method, ds, ep, cfg.n_way, dev)
+            logits, y = _episode_logits(model, method, ds, ep, cfg, dev)
             out.append({"episode": i, "seed": ep["seed"], "shot": shot, "accuracy": float((logits.argmax(1) == y).float().mean())})
     return out
 
@@ -243,7 +255,9 @@ def recipe_note(cfg: FewShotConfig) -> str:
     part = (f"M = {cfg.m_parts} part branches, weights normalised to sum 1" if cfg.mix == "convex"
             else f"{cfg.m_parts} part crop through the authors' CNN, p · image + (1 − p) · part")
     meta = f"meta-trained once at {cfg.meta_shot}-shot" if cfg.meta_shot else "meta-trained at each shot"
-    return (f"Recipe: {cfg.recipe} (Meta-Baseline object+part: {part}; {meta}; interval: Student t over test batches "
+    emd = (f"DeepEMD: {cfg.emd_regions} regions, k-shot " + ("structured FC" if cfg.emd_kshot == "sfc" else "union of supports")
+           + (f", meta-trained at {cfg.meta_shot_deepemd}-shot" if cfg.meta_shot_deepemd else ", meta-trained at each shot"))
+    return (f"Recipe: {cfg.recipe} (Meta-Baseline object+part: {part}; {meta}; {emd}; interval: Student t over test batches "
             f"of {cfg.ci_group} episodes); the other recipe: few_shot.recipe="
             f"{'authors_code' if cfg.recipe == 'paper' else 'paper'} (docs/FIDELITY.md, §6).")
 
@@ -313,7 +327,8 @@ def _run_pair(samples: list[Sample], cfg: FewShotConfig, name: str, method: str,
     """One method and regions variant at every shot: (per-episode records, branch weights)."""
     records, weights = [], []
     for shot in cfg.shots:
-        model = train_model(samples, cfg, method, variant, cfg.meta_shot or shot, work)  # trained once if meta_shot
+        meta_shot = cfg.meta_shot_deepemd if method == "deepemd" else cfg.meta_shot
+        model = train_model(samples, cfg, method, variant, meta_shot or shot, work)  # trained once if meta_shot
         recs = evaluate(model, samples, cfg, method, variant, shot, work / f"test_episodes_{shot}shot.json")
         records += [{"method": name, "variant": variant, **r} for r in recs]
         if len(model.branches):

@@ -12,6 +12,7 @@ image has fewer than M parts the remaining slots get random rectangles (seeded p
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,14 +65,38 @@ def class_split(wnids: list[str], counts: tuple[int, int, int], seed: int = 0) -
     return {"train": sorted(perm[:a]), "val": sorted(perm[a:a + b]), "test": sorted(perm[a + b:a + b + c])}
 
 
+def rrc_box(width: int, height: int, rng: np.random.Generator, scale: tuple[float, float] = (0.08, 1.0),
+            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """A RandomResizedCrop box (x0, y0, x1, y1), torchvision's `RandomResizedCrop.get_params` restated on a numpy
+    generator (10 tries of area × U(scale) at log-uniform aspect ratio, else the centre crop at the clamped ratio)."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            y0, x0 = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            return x0, y0, x0 + w, y0 + h
+    w, h = width, height
+    if width / height < min(ratio):
+        h = int(round(w / min(ratio)))
+    elif width / height > max(ratio):
+        w = int(round(h * max(ratio)))
+    x0, y0 = (width - w) // 2, (height - h) // 2
+    return x0, y0, x0 + w, y0 + h
+
+
 def part_boxes(boxes: list[tuple[float, float, float, float]], m: int, width: int, height: int,
-               rng: np.random.Generator) -> list[tuple[int, int, int, int]]:
-    """M crop boxes (x0, y0, x1, y1): the M largest part boxes, then random rectangles for missing slots."""
+               rng: np.random.Generator, fill: str = "rect") -> list[tuple[int, int, int, int]]:
+    """M crop boxes (x0, y0, x1, y1): the M largest part boxes, then random ones for missing slots — "rect":
+    rectangles of 25–70 % of the image's sides; "rrc": RandomResizedCrop boxes (`rrc_box`, DeepEMD's random patches)."""
     big = sorted(boxes, key=lambda b: -b[2] * b[3])[:m]
     out = []
     for x, y, w, h in big:
         x0, y0 = int(np.clip(np.floor(x), 0, width - 1)), int(np.clip(np.floor(y), 0, height - 1))
         out.append((x0, y0, max(x0 + 1, min(width, int(np.ceil(x + w)))), max(y0 + 1, min(height, int(np.ceil(y + h))))))
+    while fill == "rrc" and len(out) < m:
+        out.append(rrc_box(width, height, rng))
     while len(out) < m:  # random rectangles, 25-70% of the image's width and height
         w, h = (int(rng.uniform(0.25, 0.7) * s) or 1 for s in (width, height))
         x0, y0 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
@@ -86,7 +111,7 @@ class PartImageDataset(Dataset):
     """(image, M part crops, label): image resized to size×size (bilinear, antialiased: the code's PIL `Resize`),
     crops of `part_boxes` likewise.
 
-    `labels` maps wnid → label; crops of missing parts are random rectangles seeded by (seed, index, slot).
+    `labels` maps wnid → label; crops of missing parts are random (`part_boxes`' `fill`), seeded by (seed, index).
     `augment`: "none"; "flip": one horizontal flip shared by the image and its crops; "rrc_flip": the authors'
     classifier pre-training (`augment: resize` in datasets/pinpp.py) — RandomResizedCrop(size) and a horizontal flip
     drawn separately for the image and for each crop (their `__getitem__` calls the transform once per tensor).
@@ -94,12 +119,13 @@ class PartImageDataset(Dataset):
     """
 
     def __init__(self, samples: list[Sample], labels: dict[str, int], size: int, m: int, seed: int = 0, train: bool = False,
-                 augment: str | None = None):
+                 augment: str | None = None, fill: str = "rect"):
         augment = augment or ("flip" if train else "none")
         if augment not in AUGMENTS:
             raise ValueError(f"augment={augment!r}: one of {AUGMENTS}")
         self.samples = [s for s in samples if s.wnid in labels]
         self.labels, self.size, self.m, self.seed, self.train, self.augment = labels, size, m, seed, train, augment
+        self.fill = fill
         self.resize = v2.Resize((size, size), interpolation=InterpolationMode.BILINEAR, antialias=True)
         self.rrc = v2.RandomResizedCrop((size, size), interpolation=InterpolationMode.BILINEAR, antialias=True)
 
@@ -118,7 +144,10 @@ class PartImageDataset(Dataset):
         img = v2.functional.pil_to_tensor(_load_rgb(s.path))
         h, w = img.shape[1:]
         rng = np.random.default_rng([self.seed, i])
-        regions = [img[:, y0:y1, x0:x1] for x0, y0, x1, y1 in part_boxes(s.boxes, self.m, w, h, rng)]
+        regions = [img[:, y0:y1, x0:x1] for x0, y0, x1, y1 in part_boxes(s.boxes, self.m, w, h, rng, self.fill)]
+        if self.fill == "rrc":  # DeepEMD's patches: each RandomResizedCrop flipped with probability 0.5
+            n_parts = min(len(s.boxes), self.m)
+            regions = regions[:n_parts] + [r.flip(-1) if rng.random() < 0.5 else r for r in regions[n_parts:]]
         if self.augment == "rrc_flip":
             x, crops = self._rrc_flip(img), [self._rrc_flip(r) for r in regions]
         else:

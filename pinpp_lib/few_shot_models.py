@@ -12,8 +12,9 @@
                                  boxes = object+part); a query and a class are compared by the earth mover's
                                  distance between their sets with cross-reference weights, solved exactly
                                  (POT's network simplex); as in DeepEMD's OpenCV path, the flow is a
-                                 constant in the backward pass. k-shot: the class's set is the union of
-                                 its supports' regions.
+                                 constant in the backward pass; nodes centred, weights as the authors' fork
+                                 (`Models/models/Network.py`, `emd_utils.py`). k-shot: its structured FC
+                                 prototypes fine-tuned on the supports (or the union of their regions).
 
 Models take [0, 1] images and normalise inside.
 """
@@ -151,21 +152,73 @@ def emd_flow(a: np.ndarray, b: np.ndarray, cost: np.ndarray) -> np.ndarray:
                   np.ascontiguousarray(cost, np.float64))
 
 
-def _cross_weights(nodes: torch.Tensor, other: torch.Tensor) -> np.ndarray:
-    """DeepEMD's cross-reference weights: relu(node · mean of the other set), normalised to sum 1."""
-    w = F.relu(nodes @ other.mean(0)).detach().double().cpu().numpy() + 1e-5
-    return w / w.sum()
+def _centre(x: torch.Tensor) -> torch.Tensor:
+    """DeepEMD's `normalize_feature` ("center", its default): each node minus its mean over the channels."""
+    return x - x.mean(-1, keepdim=True)
+
+
+def emd_weights(nodes: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Cross-reference weights of `nodes` (…, K, D) against the sets `other` (…, L, D), on the raw features:
+    relu(node · mean of the other set) + 1e-3 (`get_weight_vector`), then relu + 1e-5 and normalised
+    (`emd_inference_opencv`: to sum K; here to sum 1 — with its temperature / K the logits are the same)."""
+    w = F.relu(torch.einsum("...kd,...d->...k", nodes, other.mean(-2))) + 1e-3
+    w = F.relu(w) + 1e-5
+    return w / w.sum(-1, keepdim=True)
+
+
+def emd_logits(query: torch.Tensor, protos: torch.Tensor, temperature: float = 12.5) -> torch.Tensor:
+    """DeepEMD's `emd_forward_1shot`: logits (Q, P) of query node sets (Q, K, D) against prototype node sets
+    (P, L, D) — temperature · Σ flow ⊙ cos, the cosine between centred nodes, the flow the exact optimal transport
+    between the cross-reference weights for cost 1 − cos (POT's network simplex; a constant in the backward pass,
+    as the code's OpenCV solver)."""
+    qn, pn = F.normalize(_centre(query), dim=-1), F.normalize(_centre(protos), dim=-1)
+    sim = torch.einsum("qkd,pld->qpkl", qn, pn)
+    nq, np_ = len(query), len(protos)
+    wq = emd_weights(query[:, None].expand(nq, np_, *query.shape[1:]), protos[None].expand(nq, np_, *protos.shape[1:]))
+    wp = emd_weights(protos[None].expand(nq, np_, *protos.shape[1:]), query[:, None].expand(nq, np_, *query.shape[1:]))
+    wq, wp, cost = (t.detach().double().cpu().numpy() for t in (wq, wp, 1 - sim))
+    flow = np.stack([emd_flow(wq[i, j], wp[i, j], cost[i, j]) for i in range(nq) for j in range(np_)])
+    return temperature * (torch.from_numpy(flow).to(sim).view_as(sim) * sim).sum((-1, -2))
 
 
 def emd_similarity(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Σ flow ⊙ cos(q_i, c_j) with the exact EMD flow (cost 1 − cos), differentiable in the features."""
-    sim = F.normalize(q, dim=-1) @ F.normalize(c, dim=-1).T
-    flow = emd_flow(_cross_weights(q, c), _cross_weights(c, q), (1 - sim).detach().double().cpu().numpy())
-    return (torch.from_numpy(flow).to(sim) * sim).sum()
+    """Σ flow ⊙ cos(q_i, c_j) of two node sets (K, D), (L, D) (`emd_logits` at temperature 1)."""
+    return emd_logits(q[None], c[None], 1.0)[0, 0]
+
+
+def sfc_prototypes(support: torch.Tensor, support_y: torch.Tensor, n_way: int, temperature: float = 12.5,
+                   steps: int = 100, lr: float = 0.1, batch: int = 4,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """DeepEMD's k-shot structured fully connected layer (`get_sfc`): per class the node-wise mean of its supports'
+    node sets, then fine-tuned on the (detached) supports — `steps` passes over a random permutation in batches of
+    `batch`, cross-entropy of `emd_logits(batch, prototypes)`, SGD lr `lr`, momentum 0.9, dampening 0.9, no weight
+    decay. Returns the prototypes (n_way, K, D), detached (the encoder gets no gradient through them, as in the code)."""
+    sup = support.detach()
+    protos = torch.stack([sup[support_y == c].mean(0) for c in range(n_way)]).clone().requires_grad_(True)
+    opt = torch.optim.SGD([protos], lr=lr, momentum=0.9, dampening=0.9, weight_decay=0)
+    with torch.enable_grad():
+        for _ in range(steps):
+            perm = torch.randperm(len(sup), generator=generator).to(sup.device)
+            for j in range(0, len(sup), batch):
+                idx = perm[j:j + batch]
+                loss = F.cross_entropy(emd_logits(sup[idx], protos, temperature), support_y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    return protos.detach()
 
 
 def emd_scores(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, n_way: int,
-               temperature: float = 12.5) -> torch.Tensor:
-    """DeepEMD logits (Q, n_way): node sets (·, K, D); a class's set = all regions of its supports."""
-    classes = [support[support_y == c].flatten(0, 1) for c in range(n_way)]
-    return temperature * torch.stack([torch.stack([emd_similarity(q, c) for c in classes]) for q in query])
+               temperature: float = 12.5, kshot: str = "sfc", sfc: dict | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """DeepEMD logits (Q, n_way) of node sets (·, K, D). One shot: a class is its support's set. k shots:
+    "sfc" — the code's structured FC prototypes (`sfc_prototypes`, settings `sfc`); "nodes" — the union of the
+    supports' nodes as one set."""
+    shot = int((support_y == 0).sum())
+    if shot == 1:
+        protos = torch.stack([support[support_y == c][0] for c in range(n_way)])
+    elif kshot == "sfc":
+        protos = sfc_prototypes(support, support_y, n_way, temperature, generator=generator, **(sfc or {}))
+    else:
+        protos = torch.stack([support[support_y == c].flatten(0, 1) for c in range(n_way)])
+    return emd_logits(query, protos, temperature)

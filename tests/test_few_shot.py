@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linprog
 
 from pinpp_lib import few_shot as fs
@@ -197,11 +198,15 @@ def test_tiny_train_and_evaluate(synth, tmp_path, recipe):
         fs.run(samples, dataclasses.replace(cfg, split=(5, 0, 3)), tmp_path / "x")
     with pytest.raises(PinppError, match=r"trained with another configuration or other samples \(changed: config.pretrain_lr"):
         fs.run(samples, dataclasses.replace(cfg, pretrain_lr=0.5), tmp_path)
-    # meta-trained once at the meta shot: the 1-shot test uses the 2-shot model (one meta stage, no 1-shot one)
+    # Meta-Baseline meta-trained once at the meta shot: the 1-shot test uses the 2-shot model (no 1-shot stage);
+    # DeepEMD at the test shot (its train_meta.py -shot), unless meta_shot_deepemd says otherwise
     once = dataclasses.replace(cfg, meta_shot=2, n_query=1)
     fs.run(samples, once, tmp_path / "once")
-    stages = sorted(p.name for p in (tmp_path / "once").glob("*/*.done.json"))
-    assert stages and all(n in ("pretrain.done.json", "meta_2shot.done.json") for n in stages)
+    stages = {d.name: sorted(p.name for p in d.glob("*.done.json")) for d in (tmp_path / "once").iterdir() if d.is_dir()}
+    assert {k: v for k, v in stages.items() if k.startswith("meta_baseline")} == \
+        {f"meta_baseline_{v}": ["meta_2shot.done.json", "pretrain.done.json"] for v in ("object", "object_part")}
+    assert {k: v for k, v in stages.items() if k.startswith("deepemd")} == \
+        {f"deepemd_{v}": ["meta_1shot.done.json", "pretrain.done.json"] for v in ("object", "object_part")}
 
 
 @pytest.mark.slow
@@ -215,3 +220,103 @@ def test_pinpp_few_shot_runs_the_authors_recipe(tmp_path):
                           *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count('"1-shot accuracy"') == 4 and "Recipe: authors_code" in out.stdout
+
+
+# --- DeepEMD as the authors' fork (Benchmark/fewshot/deepemd/Models/models/Network.py, emd_utils.py @e132f50) ---
+
+def _fork_emd_forward_1shot(proto, query, temperature=12.5):
+    """Their emd_forward_1shot, restated on tensors laid out as theirs: proto (P, C, N, 1), query (Q, C, N, 1); the
+    OpenCV EMD replaced by the same exact solver (POT)."""
+    def get_weight_vector(A, B):
+        M, Nn = A.shape[0], B.shape[0]
+        B = F.adaptive_avg_pool2d(B, [1, 1]).repeat(1, 1, A.shape[2], A.shape[3])
+        A, B = A.unsqueeze(1).repeat(1, Nn, 1, 1, 1), B.unsqueeze(0).repeat(M, 1, 1, 1, 1)
+        return F.relu((A * B).sum(2).view(M, Nn, -1)) + 1e-3
+
+    def normalize_feature(x):
+        return x - x.mean(1).unsqueeze(1)
+
+    def get_similiarity_map(proto, query):
+        way, num_query = proto.shape[0], query.shape[0]
+        query, proto = query.view(num_query, query.shape[1], -1), proto.view(way, proto.shape[1], -1)
+        proto = proto.unsqueeze(0).repeat([num_query, 1, 1, 1]).permute(0, 1, 3, 2)
+        query = query.unsqueeze(1).repeat([1, way, 1, 1]).permute(0, 1, 3, 2)
+        feature_size = proto.shape[-2]
+        proto, query = proto.unsqueeze(-3), query.unsqueeze(-2).repeat(1, 1, 1, feature_size, 1)
+        return F.cosine_similarity(proto, query, dim=-1)
+
+    def emd_inference(cost, w1, w2):
+        w1, w2 = F.relu(w1) + 1e-5, F.relu(w2) + 1e-5
+        w1, w2 = w1 * (w1.shape[0] / w1.sum()), w2 * (w2.shape[0] / w2.sum())
+        return fm.emd_flow(w1.detach().double().numpy() / w1.shape[0], w2.detach().double().numpy() / w2.shape[0],
+                           cost.detach().double().numpy()) * w1.shape[0]  # the flow at total mass N (cv2.EMD's)
+
+    weight_1, weight_2 = get_weight_vector(query, proto), get_weight_vector(proto, query)
+    proto, query = normalize_feature(proto), normalize_feature(query)
+    sim = get_similiarity_map(proto, query)
+    out = torch.zeros(sim.shape[:2])
+    for i in range(sim.shape[0]):
+        for j in range(sim.shape[1]):
+            flow = emd_inference(1 - sim[i, j], weight_1[i, j], weight_2[j, i])
+            out[i, j] = (sim[i, j] * torch.from_numpy(flow).float()).sum()
+    return out * temperature / weight_1.shape[-1]
+
+
+def test_emd_logits_restate_the_authors_emd_forward():
+    g = torch.Generator().manual_seed(3)
+    query, protos = torch.randn(3, 4, 6, generator=g), torch.randn(2, 4, 6, generator=g)  # (sets, nodes, channels)
+    as_fork = lambda t: t.permute(0, 2, 1).unsqueeze(-1)  # noqa: E731  (B, C, N, 1)
+    want = _fork_emd_forward_1shot(as_fork(protos), as_fork(query))
+    assert torch.allclose(fm.emd_logits(query, protos), want, atol=1e-4)
+    # centring matters: uncentred features give other logits
+    shifted = query + 3.0
+    assert not torch.allclose(fm.emd_logits(shifted, protos), want, atol=1e-2)
+
+
+def test_sfc_prototypes_restate_the_authors_get_sfc():
+    """get_sfc: mean over shots per class, SGD(lr, momentum 0.9, dampening 0.9) over `steps` random permutations in
+    batches of sfc_bs, CE of emd_forward_1shot(SFC, batch)."""
+    g = torch.Generator().manual_seed(4)
+    way, shot = 3, 2
+    support = torch.randn(way * shot, 4, 6, generator=g)
+    y = torch.arange(way).repeat(shot)  # their shot-major order
+    as_fork = lambda t: t.permute(0, 2, 1).unsqueeze(-1)  # noqa: E731
+    sfc = as_fork(support).view(shot, -1, 6, 4, 1).mean(0).clone().detach().requires_grad_(True)
+    opt = torch.optim.SGD([sfc], lr=0.1, momentum=0.9, dampening=0.9, weight_decay=0)
+    perm_gen = torch.Generator().manual_seed(9)
+    for _ in range(3):
+        rand_id = torch.randperm(way * shot, generator=perm_gen)
+        for j in range(0, way * shot, 4):
+            sel = rand_id[j:min(j + 4, way * shot)]
+            loss = F.cross_entropy(_fork_emd_forward_1shot(sfc, as_fork(support)[sel].detach()), y[sel])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    got = fm.sfc_prototypes(support, y, way, steps=3, lr=0.1, batch=4, generator=torch.Generator().manual_seed(9))
+    assert torch.allclose(got, sfc.detach().squeeze(-1).permute(0, 2, 1), atol=1e-4)
+    assert not torch.allclose(got, torch.stack([support[y == c].mean(0) for c in range(way)]), atol=1e-3)  # it moved
+    # k-shot scoring: SFC by default, the union of the supports' nodes on request; one shot: the support itself
+    q = torch.randn(4, 4, 6, generator=g)
+    assert fm.emd_scores(support, y, q, way, sfc={"steps": 0}).shape == (4, way)
+    assert torch.allclose(fm.emd_scores(support, y, q, way, sfc={"steps": 0}),
+                          fm.emd_logits(q, torch.stack([support[y == c].mean(0) for c in range(way)])))
+    assert torch.allclose(fm.emd_scores(support, y, q, way, kshot="nodes"),
+                          fm.emd_logits(q, torch.stack([support[y == c].flatten(0, 1) for c in range(way)])))
+    one = fm.emd_scores(support[:way], y[:way], q, way)
+    assert torch.allclose(one, fm.emd_logits(q, support[:way]))
+
+
+def test_deepemd_random_patches_are_random_resized_crops():
+    """The fork's sampling loader: RandomResizedCrop(84) (scale 0.08–1, ratio 3/4–4/3) + flip per patch, 9 per image."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        x0, y0, x1, y1 = fd.rrc_box(120, 80, rng)
+        w, h = x1 - x0, y1 - y0
+        assert 0 <= x0 < x1 <= 120 and 0 <= y0 < y1 <= 80
+        if (w, h) != (107, 80):  # not the fallback centre crop (ratio clamped to 4/3)
+            assert 0.08 * 9600 * 0.9 <= w * h <= 9600 * 1.02 and 0.7 <= w / h <= 1.42
+    assert fd.rrc_box(200, 10, np.random.default_rng(0), scale=(0.99, 1.0)) == (93, 0, 106, 10)  # fallback: ratio clamped
+    assert fs.FewShotConfig().emd_regions == 9 and fs.FewShotConfig().emd_patches == "rrc"
+    boxes = fd.part_boxes([], 4, 120, 80, np.random.default_rng(1), fill="rrc")
+    rng = np.random.default_rng(1)
+    assert boxes == [fd.rrc_box(120, 80, rng) for _ in range(4)]
