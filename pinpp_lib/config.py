@@ -107,6 +107,7 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
                      "branch_channels": (8, 16, 32),
                      "size_meta_baseline": 40, "size_deepemd": 40, "emd_regions": 3, "sfc_steps": 20, "n_query": 5,
                      "pretrain_epochs": 12, "batch_size": 50, "pretrain_lr": 0.05, "meta_episodes": 10, "meta_lr": 0.002,
+                     "pretrain_epochs_deepemd": 12, "pretrain_step_deepemd": 3, "meta_episodes_deepemd": 10, "meta_step_deepemd": 1,
                      "eval_episodes": 32, "workers": 0, "device": "cpu", "jobs": 2},
     },
     # The full settings (component defaults) with only sizes cut: images, steps, batch, device. Nothing here picks
@@ -133,7 +134,8 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         # The authors' 900/50/50 split of 1000 classes, ResNet-12 at 80/84 px; 20 images per class (5-shot + 15 queries).
         "few_shot": {"synth": SynthConfig(classes=1000, images_per_class=20, unannotated_per_class=0, val_per_class=0,
                                           size=96, seed=5),
-                     "batch_size": 16, "max_steps": 2, "meta_episodes": 2, "eval_episodes": 2, "workers": 1, "device": "cpu"},
+                     "batch_size": 16, "max_steps": 2, "meta_episodes": 2, "meta_episodes_deepemd": 2, "eval_episodes": 2, "workers": 1,
+                     "device": "cpu"},
     },
     "full": {
         "convert": {"workers": max(1, (os.cpu_count() or 1) - 1)},

@@ -61,6 +61,17 @@ class FewShotConfig(Checked):
     sfc_lr: float = 0.1
     sfc_batch: int = 4
     meta_shot_deepemd: int = 0         # DeepEMD meta-training shot; 0: at each test shot (its train_meta.py -shot)
+    # DeepEMD's own schedules (train_pretrain.py, train_meta.py defaults): SGD momentum 0.9, Nesterov, weight_decay
+    pretrain_epochs_deepemd: int = 120
+    pretrain_lr_deepemd: float = 0.04
+    pretrain_step_deepemd: int = 30    # StepLR: lr × pretrain_gamma_deepemd every this many epochs
+    pretrain_gamma_deepemd: float = 0.2
+    meta_episodes_deepemd: int = 5000  # 100 epochs × 50 episodes (val_frequency)
+    meta_lr_deepemd: float = 0.0005
+    meta_step_deepemd: int = 500       # StepLR per epoch of 50 episodes, step 10 epochs: lr × meta_gamma_deepemd
+    meta_gamma_deepemd: float = 0.5
+    n_query_meta_deepemd: int = 4      # queries per class in its meta-training episodes (-query)
+    emd_pixel_stats: str = "cifar"     # DeepEMD's input normalisation (its loaders: CIFAR mean/std) | "imagenet"
     n_way: int = 5
     shots: tuple[int, ...] = (1, 5)
     n_query: int = 15
@@ -89,6 +100,10 @@ class FewShotConfig(Checked):
         "size_meta_baseline": at_least(8), "size_deepemd": at_least(8), "m_parts": at_least(0), "emd_regions": at_least(1),
         "emd_patches": one_of("rrc", "rect"), "emd_kshot": one_of("sfc", "nodes"), "sfc_steps": at_least(0), "sfc_lr": above(0),
         "sfc_batch": at_least(1), "meta_shot_deepemd": at_least(0),
+        "pretrain_epochs_deepemd": at_least(0), "pretrain_lr_deepemd": above(0), "pretrain_step_deepemd": at_least(1),
+        "pretrain_gamma_deepemd": between(0, 1), "meta_episodes_deepemd": at_least(0), "meta_lr_deepemd": above(0),
+        "meta_step_deepemd": at_least(1), "meta_gamma_deepemd": between(0, 1), "n_query_meta_deepemd": at_least(1),
+        "emd_pixel_stats": one_of("cifar", "imagenet"),
         "n_way": at_least(2), "shots": each(at_least(1)), "n_query": at_least(1), "pretrain_epochs": at_least(0),
         "pretrain_lr": above(0), "pretrain_milestones": each(between(0, 1)), "batch_size": at_least(1),
         "pretrain_augment": one_of(*AUGMENTS), "meta_augment": one_of(*AUGMENTS),
@@ -118,7 +133,7 @@ def datasets(samples: list[Sample], cfg: FewShotConfig, method: str, variant: st
 
 def build(method: str, variant: str, cfg: FewShotConfig) -> FewShotNet:
     if method == "deepemd":
-        return FewShotNet(cfg.channels_deepemd)
+        return FewShotNet(cfg.channels_deepemd, stats=cfg.emd_pixel_stats)
     return FewShotNet(cfg.channels, cfg.m_parts if variant == "object+part" else 0, cfg.branch_channels, cfg.mix,
                       cfg.size_meta_baseline)
 
@@ -134,12 +149,14 @@ def pretrain(model: FewShotNet, ds: PartImageDataset, cfg: FewShotConfig, method
     head = nn.Linear(model.out_dim, len(ds.labels)).to(dev)
     model.to(dev).train()
     params = list(model.parameters()) + list(head.parameters())
-    opt = torch.optim.SGD(params, lr=cfg.pretrain_lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    sch = schedule(cfg, method)
+    opt = torch.optim.SGD(params, lr=sch["pretrain_lr"], momentum=0.9, nesterov=sch["nesterov"], weight_decay=cfg.weight_decay)
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
                         generator=torch.Generator().manual_seed(cfg.seed), drop_last=len(ds) > cfg.batch_size)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones(cfg), gamma=0.1)
+    sched = (torch.optim.lr_scheduler.StepLR(opt, cfg.pretrain_step_deepemd, cfg.pretrain_gamma_deepemd) if method == "deepemd"
+             else torch.optim.lr_scheduler.MultiStepLR(opt, milestones(cfg), gamma=0.1))
     steps = 0
-    for _ in tqdm(range(cfg.pretrain_epochs), desc="pre-training", leave=False):
+    for _ in tqdm(range(sch["pretrain_epochs"]), desc="pre-training", leave=False):
         for x, parts, y in loader:
             if cfg.max_steps and steps == cfg.max_steps:
                 return
@@ -152,6 +169,16 @@ def pretrain(model: FewShotNet, ds: PartImageDataset, cfg: FewShotConfig, method
             loss.backward()
             opt.step()
         sched.step()
+
+
+def schedule(cfg: FewShotConfig, method: str) -> dict[str, Any]:
+    """The training schedule of `method`: Meta-Baseline's (the shared fields; its configs) or DeepEMD's own
+    (`*_deepemd` fields: train_pretrain.py / train_meta.py, both SGD with Nesterov momentum)."""
+    if method == "deepemd":
+        return {"pretrain_epochs": cfg.pretrain_epochs_deepemd, "pretrain_lr": cfg.pretrain_lr_deepemd, "nesterov": True,
+                "meta_episodes": cfg.meta_episodes_deepemd, "meta_lr": cfg.meta_lr_deepemd, "meta_query": cfg.n_query_meta_deepemd}
+    return {"pretrain_epochs": cfg.pretrain_epochs, "pretrain_lr": cfg.pretrain_lr, "nesterov": False,
+            "meta_episodes": cfg.meta_episodes, "meta_lr": cfg.meta_lr, "meta_query": cfg.n_query}
 
 
 def milestones(cfg: FewShotConfig) -> list[int]:
@@ -180,14 +207,20 @@ def meta_train(model: FewShotNet, ds: PartImageDataset, cfg: FewShotConfig, meth
     """Stage 2: episodes of the training classes (drawn under the config's seed), CE on the query scores."""
     dev = torch.device(cfg.device)
     model.to(dev).train()
-    eps = draw_episodes(ds.targets(), cfg.n_way, shot, cfg.n_query, cfg.meta_episodes, cfg.seed + 17)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.meta_lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    sch = schedule(cfg, method)
+    eps = draw_episodes(ds.targets(), cfg.n_way, shot, sch["meta_query"], sch["meta_episodes"], cfg.seed + 17)
+    opt = torch.optim.SGD(model.parameters(), lr=sch["meta_lr"], momentum=0.9, nesterov=sch["nesterov"],
+                          weight_decay=cfg.weight_decay)
+    # DeepEMD: StepLR stepped per epoch of 50 episodes every 10 epochs = × gamma every meta_step_deepemd episodes
+    step = torch.optim.lr_scheduler.StepLR(opt, cfg.meta_step_deepemd, cfg.meta_gamma_deepemd) if method == "deepemd" else None
     for ep in tqdm(eps, desc=f"meta-training {shot}-shot", leave=False):
         logits, y = _episode_logits(model, method, ds, ep, cfg, dev)
         loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if step is not None:
+            step.step()
 
 
 # Settings that do not change a trained model (evaluation, loader workers, device, the synthetic source —

@@ -46,17 +46,30 @@ class ResBlock12(nn.Module):
         return self.pool(F.leaky_relu(self.body(x) + self.short(x), 0.1))
 
 
-class ResNet12(nn.Module):
-    """ResNet-12 (channels 64-160-320-640 in the papers) → global average pooled feature."""
+# DeepEMD's loaders normalise with CIFAR's statistics (`transforms.Normalize([125.3, 123.0, 113.9] / 255,
+# [63.0, 62.1, 66.7] / 255)` in every Models/dataloader/*); Meta-Baseline's with ImageNet's
+CIFAR_MEAN, CIFAR_STD = tuple(v / 255 for v in (125.3, 123.0, 113.9)), tuple(v / 255 for v in (63.0, 62.1, 66.7))
 
-    def __init__(self, channels: tuple[int, ...] = (64, 160, 320, 640)):
+
+class ResNet12(nn.Module):
+    """ResNet-12 (channels 64-160-320-640 in the papers) → global average pooled feature. `stats`: the pixel
+    statistics it normalises [0, 1] inputs with, "imagenet" or "cifar" (DeepEMD's)."""
+
+    def __init__(self, channels: tuple[int, ...] = (64, 160, 320, 640), stats: str = "imagenet"):
         super().__init__()
         chans = (3,) + tuple(channels)
         self.blocks = nn.Sequential(*[ResBlock12(a, b) for a, b in zip(chans[:-1], chans[1:])])
         self.out_dim = channels[-1]
+        if stats not in ("imagenet", "cifar"):
+            raise ValueError(f"stats={stats!r}: 'imagenet' or 'cifar'")
+        self.stats = stats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(normalise(x)).mean((2, 3))
+        if self.stats == "cifar":
+            x = (x - x.new_tensor(CIFAR_MEAN).view(1, 3, 1, 1)) / x.new_tensor(CIFAR_STD).view(1, 3, 1, 1)
+        else:
+            x = normalise(x)
+        return self.blocks(x).mean((2, 3))
 
 
 class PartBranch(nn.Sequential):
@@ -101,12 +114,12 @@ class FewShotNet(nn.Module):
     with one unconstrained learnable scalar p, 0 at the start (their `ResNet12.forward`)."""
 
     def __init__(self, channels: tuple[int, ...], m_parts: int = 0, branch_channels: tuple[int, ...] = (32, 64, 128),
-                 mix: str = "convex", size: int = 80):
+                 mix: str = "convex", size: int = 80, stats: str = "imagenet"):
         super().__init__()
         if mix not in ("convex", "p"):
             raise ValueError(f"mix={mix!r}: 'convex' or 'p'")
         self.mix = mix
-        self.encoder = ResNet12(channels)
+        self.encoder = ResNet12(channels, stats)
         if mix == "p" and m_parts:
             self.branches = nn.ModuleList([AuthorsPartCNN(size, channels[-1])])
             self.p = nn.Parameter(torch.tensor(0.0))

@@ -184,7 +184,7 @@ def test_tiny_train_and_evaluate(synth, tmp_path, recipe):
     samples = fd.part_samples(load_release(synth / "release"), synth / "imagenet" / "train")
     cfg = fs.FewShotConfig(split=(3, 0, 3), channels=(4, 4, 4, 8), channels_deepemd=(4, 4, 4, 8), branch_channels=(4, 4, 4),
                            size_meta_baseline=16, size_deepemd=16, emd_regions=2, n_way=3, shots=(1,), n_query=2,
-                           pretrain_epochs=1, batch_size=8, meta_shot=0, meta_episodes=2, eval_episodes=3, workers=0,
+                           pretrain_epochs=1, batch_size=8, meta_shot=0, meta_episodes=2, pretrain_epochs_deepemd=1, meta_episodes_deepemd=2, eval_episodes=3, workers=0,
                            device="cpu", recipe=recipe, **{"m_parts": 2, **fs.RECIPES[recipe]})
     records, weights = fs.run(samples, cfg, tmp_path)
     assert len(records) == 2 * 2 * 3 and records.accuracy.between(0, 1).all()
@@ -214,7 +214,7 @@ def test_pinpp_few_shot_runs_the_authors_recipe(tmp_path):
     """`pinpp few-shot --set recipe=authors_code`: notebook 07's job from the command line, the recipe in its note."""
     import subprocess
     import sys
-    sets = ["recipe=authors_code", "channels=(4,4,4,8)", "channels_deepemd=(4,4,4,8)", "pretrain_epochs=1", "meta_episodes=1",
+    sets = ["recipe=authors_code", "channels=(4,4,4,8)", "channels_deepemd=(4,4,4,8)", "pretrain_epochs=1", "meta_episodes=1", "pretrain_epochs_deepemd=1", "meta_episodes_deepemd=1",
             "eval_episodes=8", "shots=(1,)", "meta_shot=0", "size_meta_baseline=16", "size_deepemd=16", "jobs=1"]
     out = subprocess.run([sys.executable, "-m", "pinpp_lib", "few-shot", "--profile", "smoke", "--data-root", str(tmp_path),
                           *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=900)
@@ -320,3 +320,21 @@ def test_deepemd_random_patches_are_random_resized_crops():
     boxes = fd.part_boxes([], 4, 120, 80, np.random.default_rng(1), fill="rrc")
     rng = np.random.default_rng(1)
     assert boxes == [fd.rrc_box(120, 80, rng) for _ in range(4)]
+
+
+def test_deepemd_schedules_are_its_scripts_defaults():
+    """train_pretrain.py: 120 epochs, lr 0.04, StepLR(30, 0.2), Nesterov, batch 128; train_meta.py: 100 epochs × 50
+    episodes, lr 0.0005, StepLR(10 epochs, 0.5), Nesterov, 4 queries per class. Meta-Baseline keeps its own."""
+    cfg = fs.FewShotConfig()
+    emd, mb = fs.schedule(cfg, "deepemd"), fs.schedule(cfg, "meta_baseline")
+    assert emd == {"pretrain_epochs": 120, "pretrain_lr": 0.04, "nesterov": True, "meta_episodes": 100 * 50,
+                   "meta_lr": 0.0005, "meta_query": 4}
+    assert (cfg.pretrain_step_deepemd, cfg.pretrain_gamma_deepemd, cfg.meta_step_deepemd, cfg.meta_gamma_deepemd) == (30, 0.2, 10 * 50, 0.5)
+    x = torch.rand(2, 3, 16, 16)  # DeepEMD's encoder sees CIFAR-normalised pixels, Meta-Baseline's ImageNet-normalised
+    emd_net, mb_net = fs.build("deepemd", "object", cfg), fs.build("meta_baseline", "object", cfg)
+    mb_net.encoder.blocks = emd_net.encoder.blocks = torch.nn.Identity()
+    cifar = (x - torch.tensor([125.3, 123.0, 113.9]).view(1, 3, 1, 1) / 255) / (torch.tensor([63.0, 62.1, 66.7]).view(1, 3, 1, 1) / 255)
+    assert torch.allclose(emd_net.encoder(x), cifar.mean((2, 3)), atol=1e-5)
+    assert not torch.allclose(mb_net.encoder(x), cifar.mean((2, 3)), atol=1e-2)
+    assert mb == {"pretrain_epochs": 100, "pretrain_lr": 0.1, "nesterov": False, "meta_episodes": 4000, "meta_lr": 0.001,
+                  "meta_query": 15} and cfg.batch_size == 128

@@ -35,6 +35,7 @@ SIZE_KEYS = {
     "robustness.pin_supercategories",  # the stand-in lists of the synthetic classes (the shipped 158 are absent)
     "seg.iters", "seg.batch_size", "seg.workers", "seg.log_every", "seg.test_batch", "seg.eval_images", "seg.device",
     "pseudo.batch_size", "few_shot.synth", "few_shot.batch_size", "few_shot.max_steps", "few_shot.meta_episodes",
+    "few_shot.meta_episodes_deepemd",
     "few_shot.eval_episodes", "few_shot.workers", "few_shot.device",
 }
 
