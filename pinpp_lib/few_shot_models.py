@@ -159,10 +159,19 @@ def centroid_scores(support: torch.Tensor, support_y: torch.Tensor, query: torch
 
 
 def emd_flow(a: np.ndarray, b: np.ndarray, cost: np.ndarray) -> np.ndarray:
-    """Exact optimal transport plan between weights a (n) and b (m) (each summing to 1) for `cost` (n×m)."""
-    import ot
-    return ot.emd(np.ascontiguousarray(a, np.float64), np.ascontiguousarray(b, np.float64),
-                  np.ascontiguousarray(cost, np.float64))
+    """Exact optimal transport plan between weights a (n) and b (m) (each summing to 1) for `cost` (n×m).
+
+    POT's network simplex called directly (`ot.lp.emd_wrap.emd_c`, what `ot.emd` runs after its backend and marginal
+    checks, ~10× less overhead: DeepEMD's structured FC solves ~14,000 of these small problems per 5-shot episode);
+    `ot.emd` where the solver does not report an optimum."""
+    from ot.lp.emd_wrap import emd_c
+    a, b, cost = (np.ascontiguousarray(t, np.float64) for t in (a, b, cost))
+    b = b * (a.sum() / b.sum())  # equal masses to the last bit, as ot.emd makes them (else: infeasible)
+    flow, _, _, _, code = emd_c(a, b, cost, 100000, 1)
+    if code != 1:  # not optimal (iteration limit, unbounded): POT's checked path, which warns
+        import ot
+        return ot.emd(a, b, cost)
+    return flow
 
 
 def _centre(x: torch.Tensor) -> torch.Tensor:

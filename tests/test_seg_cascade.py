@@ -12,21 +12,14 @@ from mmengine.dataset import pseudo_collate
 from pinpp_lib import seg_cascade, segmentation
 from pinpp_lib.seg_cascade import Detectron2CascadeRoIHead
 
-from test_segmentation import TINY
+from test_segmentation import TINY, built_model
 
 CASCADE = "cascade_mask_rcnn_r50_fpn"
 TWO_FC = dataclasses.replace(TINY, box_head="2fc")  # no norm layers in the box heads: train/eval forward agree
 
 
 def _model(converted, tmp_path, sc=TINY):
-    from mmdet.registry import MODELS
-    from mmengine.registry import init_default_scope
-    init_default_scope("mmdet")
-    cfg = segmentation.build_config(CASCADE, "parts", converted, tmp_path, sc)
-    torch.manual_seed(0)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    return cfg, model
+    return built_model(CASCADE, converted, tmp_path, sc)
 
 
 def _batch(model, cfg, n=2):

@@ -12,20 +12,13 @@ import torch.nn.functional as F
 
 from pinpp_lib import seg_models, seg_recipes, segmentation
 
-from test_segmentation import TINY
+from test_segmentation import TINY, built_model
 
 VIT = "mask_rcnn_vit_s_sfp"
 
 
 def _build(converted, tmp_path, sc=TINY, name=VIT):
-    from mmdet.registry import MODELS
-    from mmengine.registry import init_default_scope
-    init_default_scope("mmdet")
-    cfg = segmentation.build_config(name, "parts", converted, tmp_path, sc)
-    torch.manual_seed(0)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    return cfg, model
+    return built_model(name, converted, tmp_path, sc)
 
 
 def test_vitdet_config_and_the_plain_one_on_request(converted, tmp_path):

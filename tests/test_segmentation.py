@@ -31,6 +31,18 @@ TINY = segmentation.SegConfig(iters=1, image_size=64, test_short=50, test_long=8
                               device="cpu")
 
 
+def built_model(name: str, converted, tmp_path, sc: "segmentation.SegConfig" = TINY):
+    """(config, mmdet model with initialised weights) of one kit config on the synthetic parts file, seeded."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+    init_default_scope("mmdet")
+    cfg = segmentation.build_config(name, "parts", converted, tmp_path, sc)
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    return cfg, model
+
+
 # ---------------------------------------------------------------- federated loss
 
 def test_federated_classes_cover_the_batch_and_sample_by_frequency():
