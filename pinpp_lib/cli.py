@@ -6,6 +6,7 @@ Notebooks, shell scripts and torchrun call the same functions this CLI calls. Us
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -225,6 +226,34 @@ def _cmd_seg_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _det_settings(a: argparse.Namespace):
+    from .config import resolve
+    from . import det_transfer
+    s = resolve(a.profile, data_root=a.data_root, overrides={"det": _parse_sets(a.set)})
+    return s, s.det, det_transfer.data_files(s.det, s.paths.data_root, s.paths.converted)
+
+
+def _cmd_det_train(a: argparse.Namespace) -> int:
+    from . import det_transfer
+    s, dc, data = _det_settings(a)
+    init, act = det_transfer.row_inits(dataclasses.replace(dc, rows=(a.row,)), s.paths.work("mpm", a.mpm_work))[a.row]
+    with jobs.job_threads(dc.jobs):  # the numbers notebook 08 gets for this row
+        res = det_transfer.train(dc, a.row, init, act, data, s.paths.work("det", a.work) / a.row.replace(" ", "_"))
+    distributed.teardown()
+    if res:
+        print(json.dumps({k: v for k, v in res.items() if k not in ("classes", "identity", "settings", "inputs")}, indent=1))
+    return 0
+
+
+def _cmd_det_eval(a: argparse.Namespace) -> int:
+    from . import det_transfer, fileio
+    s, dc, data = _det_settings(a)
+    run = fileio.read_json(f"{a.run_dir}/done.json", "finished detection run", "train it first (`pinpp det-train`)")
+    recs = det_transfer.evaluate({run["row"]: run}, dc, data)
+    print(recs.to_string(index=False))
+    return 0
+
+
 def _cmd_few_shot(a: argparse.Namespace) -> int:
     from . import few_shot, few_shot_data, prepare, release
     from .config import resolve
@@ -355,6 +384,21 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--limit", type=int, help="label only the first N unlabelled images (a dry run)")
             sp.add_argument("--shard", default="0/1", help="K/N: this process labels every N-th image from the K-th "
                                                            "(one process per GPU: CUDA_VISIBLE_DEVICES=K ... --shard K/N)")
+
+    for name, fn, text in (("det-train", _cmd_det_train, "train one Table A3 detector with free AT (mmdet; also under torchrun)"),
+                           ("det-eval", _cmd_det_eval, "box AP/AP50 of a Table A3 detector, clean and under each attack")):
+        dp = sub.add_parser(name, help=text)
+        dp.add_argument("--profile", default="smoke", choices=PROFILES)
+        dp.add_argument("--data-root")
+        dp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a DetConfig field")
+        dp.set_defaults(fn=fn)
+        if name == "det-train":
+            from .det_transfer import ROWS
+            dp.add_argument("--row", required=True, choices=ROWS, help="the backbone: the reference or notebook 05's AT model")
+            dp.add_argument("--work", help="folder of the detector runs (default <data-root>/runs/det)")
+            dp.add_argument("--mpm-work", help="notebook 05's runs (default <data-root>/runs/mpm)")
+        else:
+            dp.add_argument("--run-dir", required=True)
 
     fp = sub.add_parser("few-shot", help="train and score the four few-shot models of Tables 11/12 (notebook 07's job)")
     fp.add_argument("--profile", default="smoke", choices=PROFILES)

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 from .convert import ConvertConfig
 from .datasets import TransformConfig
+from .det_transfer import DetConfig
 from .checks import Checked, Rule, SettingError, at_least
 from .fileio import PinppError
 from .mpm_experiments import ExperimentConfig
@@ -97,6 +98,13 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
                 # 100 detections per image (the code's 300): an untrained smoke model fills every slot, and pasting
                 # and encoding 300 masks per image tripled notebooks 02-04; pycocotools scores 100 per image anyway
                 "max_dets": 100, "jobs": 2},
+        # Notebook 08 (Table A3): the detection set is the synthetic release's object boxes (COCO format, notebook 00);
+        # the backbones are notebook 05's tiny classifiers (the clean run as the reference row: no torchvision weights
+        # here), the detector at 1/8 width on ≈ 160×96 images, 2 epochs of 4 batches (16 images, 4 replays each) and
+        # the paper's attacks (PGD-10 on cls and reg) on 8 evaluation images; two rows train side by side.
+        "det": {"dataset": "pinpp_objects", "clean_init": "clean_run", "arch": "tiny", "width": 0.125, "scale": (160, 96),
+                "batch_size": 4, "epochs": 2, "lr_steps": (1,), "warmup_iters": 2, "rois_per_image": 32, "train_images": 16,
+                "eval_images": 8, "workers": 0, "jobs": 2, "device": "cpu"},
         # The smoke part model scores low after 60 iterations; at the default 0.5 it would paint nothing.
         "pseudo": {"batch_size": 8, "score_thr": 0.05},
         # Notebook 07: its own synthetic release with 20 classes (10 train / 5 val / 5 test; 5-way episodes need
@@ -131,6 +139,10 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         # The six configs at 1024 px LSJ with pretrained backbones (stand-ins), 2 iterations of one image.
         "seg": {"iters": 2, "batch_size": 1, "workers": 1, "log_every": 1, "test_batch": 1, "eval_images": 3, "device": "cpu"},
         "pseudo": {"batch_size": 1},
+        # Table A3 at full size (R50, 1333×800, torchvision's R50 from the stand-in file for the reference row) on the
+        # release's object boxes (no COCO here): 2 images, 2 epochs (the lr step between them), 1 image attacked.
+        "det": {"dataset": "pinpp_objects", "batch_size": 2, "epochs": 2, "lr_steps": (1,), "train_images": 2,
+                "eval_images": 1, "workers": 1, "device": "cpu"},
         # The authors' 900/50/50 split of 1000 classes, ResNet-12 at 80/84 px; 20 images per class (5-shot + 15 queries).
         "few_shot": {"synth": SynthConfig(classes=1000, images_per_class=20, unannotated_per_class=0, val_per_class=0,
                                           size=96, seed=5),
@@ -186,6 +198,7 @@ class Settings:
     seg: SegConfig = field(default_factory=SegConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
+    det: DetConfig = field(default_factory=DetConfig)
 
     def ready(self, needs: str | None = None) -> str:
         """"data → …, results → …" for a notebook's first output. `needs` ("release" | "converted"): notebook 00's

@@ -105,7 +105,7 @@ def resolve_init(name: str, tc: TrainConfig, cfg: ExperimentConfig, work: str | 
     clean = Path(work) / "clean_vanilla"
     if not (clean / "done.json").exists():
         raise fileio.PinppError(f"{clean}: the clean run must finish first (at_init=clean_run); train run clean_vanilla")
-    return dataclasses.replace(tc, init=str(_backbone_weights(clean)))
+    return dataclasses.replace(tc, init=str(backbone_weights(clean)))
 
 
 def run_training(runs: dict[str, TrainConfig], cfg: ExperimentConfig, converted: str | Path, work: str | Path,
@@ -147,7 +147,7 @@ def _starts_from_clean_run(tc: TrainConfig, cfg: ExperimentConfig) -> bool:
     return cfg.at_init == "clean_run" and tc.adversarial
 
 
-def _backbone_weights(run_dir: Path) -> Path:
+def backbone_weights(run_dir: Path) -> Path:
     """The EMA backbone of a finished run as a weights file, named by its sha256 (so that the AT runs' configs,
     which hold the path, change when the clean run does). Reused only while it was exported from the run's
     current weights and its bytes match its sidecar; else written again."""

@@ -56,3 +56,14 @@ def test_run_names_pass_through_torchrun():
     assert "unknown run 'nope'" in r.stderr and "ambiguous option" not in r.stderr
     r = _pinpp("seg-train", "--model", "mask_rcnn_r50_fpn", "--data-root", "/tmp/never-made")
     assert r.returncode == 2 and "parts_train.json: benchmark file not found; run `pinpp prepare`" in r.stderr
+
+
+def test_det_train_names_the_coco_layout_under_torchrun(tmp_path):
+    """Notebook 08's job: `--row` passes through torchrun, and a full-profile data root without COCO gets one line."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29548",
+                        "-m", "pinpp_lib", "det-train", "--row", "MPM AT", "--profile", "full", "--data-root", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert "ambiguous option" not in r.stderr
+    assert f"{tmp_path}/coco/annotations/instances_train2017.json: detection annotations not found; expected COCO 2017" in r.stderr
+    r = _pinpp("det-train", "--row", "nope")
+    assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr

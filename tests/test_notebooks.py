@@ -176,6 +176,21 @@ def test_robustness_notebook(smoke_run):
     assert (data / "runs" / "mpm" / "clean_mpm" / "done.json").exists()
 
 
+def test_detection_transfer_notebook(smoke_run):
+    """Notebook 08: Faster R-CNN with free AT on notebook 05's three backbones, scored clean and under both attacks."""
+    data, results = smoke_run
+    nb = ROOT / "notebooks" / "08_detection_transfer.ipynb"
+    pm.execute_notebook(str(nb), str(results / nb.name), parameters={"DATA_ROOT": str(data), "RESULTS_DIR": str(results)},
+                        kernel_name="pinpp", cwd=str(ROOT / "notebooks"), progress_bar=False)
+    t = pd.read_csv(results / "tableA3_detection_transfer.csv")
+    assert list(t.backbone) == ["clean", "vanilla AT", "MPM AT"]
+    assert t.drop(columns="backbone").stack().between(0, 100).all() and t.shape[1] == 7
+    rec = pd.read_csv(results / "records" / "det_transfer.csv.gz")
+    assert set(rec.evaluation) == {"clean", "A_cls", "A_reg"} and rec.images.eq(8).all()
+    meta = json.loads((results / "run_meta" / "08_detection_transfer.json").read_text())
+    assert set(meta["runs"]) == {"clean", "vanilla AT", "MPM AT"} and meta["profile"] == "smoke"
+
+
 def test_few_shot_notebook(smoke_run):
     """Notebook 07: trains the four few-shot models on the synthetic release, writes Tables 11 and 12."""
     data, results = smoke_run

@@ -190,7 +190,8 @@ def test_rehearsal_runs_every_notebook(tmp_path):
         assert done["num_classes"] == 1000 and done["seg_classes"] == 3311 and done["arch"] == "r50"
         assert "no image of these classes" not in (results / "table4_pin_subset.csv").read_text()
         for name in ("table9_part_segmentation", "table10_object_segmentation", "table6_left_pseudo_labels", "table7_bypass_variants",
-                     "tableA1_imagenet_c", "table8_model_vs_human", "table4_pin_subset", "table12_few_shot_5shot"):
+                     "tableA1_imagenet_c", "table8_model_vs_human", "table4_pin_subset", "table12_few_shot_5shot",
+                     "tableA3_detection_transfer"):
             assert (results / f"{name}.csv").exists(), name
     finally:
         if not keep:
@@ -227,7 +228,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     report = json.loads((out / "gpu_report.json").read_text())
     steps = {s["step"]: s["rc"] for s in report["steps"]}
-    assert list(steps) == ["gpu_tests", "bench_train", "bench_data", "torchrun", "mmdet"]
-    assert steps["bench_train"] == steps["bench_data"] == steps["torchrun"] == steps["mmdet"] == 0, steps
+    assert list(steps) == ["gpu_tests", "bench_train", "profile", "bench_data", "torchrun", "mmdet"]
+    assert steps["bench_train"] == steps["profile"] == steps["bench_data"] == steps["torchrun"] == steps["mmdet"] == 0, steps
     assert steps["gpu_tests"] in (0, 5)  # 5: every test skipped (no CUDA here)
     assert report["bench_train"]["mpm_at_over_vanilla_at"] > 0 and report["bench_data"]["loader_img_mask_s"] > 0
+    assert report["profile"]["ratio"] > 0 and report["profile"]["added_ops_ms"]
