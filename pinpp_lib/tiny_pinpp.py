@@ -1,0 +1,156 @@
+"""Tiny-PartImageNet++ (paper App. F): Tiny-ImageNet's classes with PIN++ part masks, and the public Tiny-ImageNet
+robust model the paper compares with (Table A5).
+
+    TINY_WNIDS          Tiny-ImageNet's 200 classes (jcjohnson/tiny-imagenet @1c989f8 `200_wnids.txt`, the list its
+                        `make_tiny_imagenet.py` is run with)
+    select_train        the training images per class as `make_tiny_imagenet.py` draws them: `random.sample` of the
+                        class's candidates (theirs: the images with a box annotation, drawn unseeded; here: the images
+                        with a part mask, drawn from a recorded seed), 500 per class
+    tiny_resize         Tiny-ImageNet's image transform (`resize_image(crop=True)`): the centred square crop, resized to
+                        64 × 64 (scipy's `imresize`: PIL bilinear) — how the 64-px model sees an IN-1K image
+    WideResNetSwish     the Tiny-ImageNet WRN-28-10 of Wang et al. 2023 (wzekai99/DM-Improves-AT @b390f25
+                        `core/models/ti_wideresnetwithswish.py`), restated with its module names so that its
+                        checkpoints load: SiLU, BatchNorm momentum 0.01, 'SAME'-padded strided 3×3 convs, pre-activation
+                        shortcuts, Tiny-ImageNet's mean/std inside (it takes [0, 1] images, as the kit's models)
+    load_dm_checkpoint  their checkpoint file ({"model_state_dict": ...} of DataParallel(Sequential([Normalization,]
+                        model)), `core/utils/train.py` `save_model`) into a WideResNetSwish, weights-only
+"""
+from __future__ import annotations
+
+import random
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from . import checkpoint
+from .fileio import PinppError
+
+TINY_WNIDS: tuple[str, ...] = tuple(
+    resources.files("pinpp_lib.data").joinpath("tiny_imagenet_200_wnids.txt").read_text().split())
+TINY_MEAN, TINY_STD = (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)  # DM-Improves-AT's Tiny-ImageNet statistics
+
+
+def select_train(candidates: dict[str, Sequence[str]], per_class: int = 500, seed: int = 0) -> dict[str, list[str]]:
+    """Class → `per_class` of its candidate images, drawn as `make_tiny_imagenet.py` draws (`random.sample`), from a
+    seeded stream over the classes in sorted order and each class's candidates sorted (their draw is from an
+    unordered set without a seed: the released Tiny-ImageNet's images cannot be recovered from the code)."""
+    rng = random.Random(seed)
+    out = {}
+    for wnid in sorted(candidates):
+        files = sorted(candidates[wnid])
+        if len(files) < per_class:
+            raise PinppError(f"class {wnid}: {len(files)} training images with part masks, {per_class} needed; "
+                             "label the class's unannotated images first (notebook 04) or lower tiny.per_class")
+        out[wnid] = rng.sample(files, per_class)
+    return out
+
+
+def tiny_resize(img: Image.Image, size: int = 64) -> Image.Image:
+    """The centred square crop (offset (long − short) // 2, Python 2's integer division) resized to `size` × `size`
+    with PIL's bilinear filter (what scipy.misc.imresize called)."""
+    w, h = img.size
+    if h > w:
+        h0 = (h - w) // 2
+        img = img.crop((0, h0, w, h0 + w))
+    elif w > h:
+        w0 = (w - h) // 2
+        img = img.crop((w0, 0, w0 + h, h))
+    return img.convert("RGB").resize((size, size), Image.BILINEAR)
+
+
+class _Block(nn.Module):
+    """A pre-activation WRN block. With a channel change the activated input feeds both the conv and the 1×1 shortcut;
+    otherwise the raw input is the residual."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.batchnorm_0 = nn.BatchNorm2d(cin, momentum=0.01)
+        self.relu_0 = nn.SiLU(inplace=True)
+        self.conv_0 = nn.Conv2d(cin, cout, 3, stride=stride, padding=0, bias=False)  # padded by hand ('SAME')
+        self.batchnorm_1 = nn.BatchNorm2d(cout, momentum=0.01)
+        self.relu_1 = nn.SiLU(inplace=True)
+        self.conv_1 = nn.Conv2d(cout, cout, 3, stride=1, padding=1, bias=False)
+        self.has_shortcut = cin != cout
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride=stride, bias=False) if self.has_shortcut else None
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = self.relu_0(self.batchnorm_0(x))
+        if self.has_shortcut:
+            x = act
+        pad = (1, 1, 1, 1) if self.stride == 1 else (0, 1, 0, 1)  # TensorFlow's 'SAME' for stride 2: right/bottom only
+        out = self.conv_1(self.relu_1(self.batchnorm_1(self.conv_0(F.pad(act, pad)))))
+        return (self.shortcut(x) if self.has_shortcut else x) + out
+
+
+class _BlockGroup(nn.Module):
+    def __init__(self, n: int, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.block = nn.Sequential(*[_Block(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class WideResNetSwish(nn.Module):
+    """WRN-depth-width with SiLU for 64-px Tiny-ImageNet images in [0, 1] (normalised inside)."""
+
+    def __init__(self, num_classes: int = 200, depth: int = 28, width: int = 10):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WRN depth {depth}: must be 6n + 4")
+        n, ch = (depth - 4) // 6, [16, 16 * width, 32 * width, 64 * width]
+        self.register_buffer("mean", torch.tensor(TINY_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(TINY_STD).view(1, 3, 1, 1), persistent=False)
+        self.init_conv = nn.Conv2d(3, ch[0], 3, stride=1, padding=1, bias=False)
+        self.layer = nn.Sequential(_BlockGroup(n, ch[0], ch[1], 1), _BlockGroup(n, ch[1], ch[2], 2),
+                                   _BlockGroup(n, ch[2], ch[3], 2))
+        self.batchnorm = nn.BatchNorm2d(ch[3], momentum=0.01)
+        self.relu = nn.SiLU(inplace=True)
+        self.logits = nn.Linear(ch[3], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.batchnorm(self.layer(self.init_conv((x - self.mean) / self.std))))
+        return self.logits(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def load_dm_checkpoint(path: str | Path, num_classes: int = 200, depth: int = 28, width: int = 10) -> WideResNetSwish:
+    """A DM-Improves-AT Tiny-ImageNet checkpoint (e.g. `tiny_linf_wrn28-10.pt`) as a WideResNetSwish in eval mode.
+
+    Their files hold {"model_state_dict": state} of DataParallel(Sequential(model)) or, trained with --normalize,
+    DataParallel(Sequential(Normalization, model)) (no tensors of its own): keys "module.0.<name>" / "module.1.<name>"."""
+    state = checkpoint.load(path)
+    state = state.get("model_state_dict", state) if isinstance(state, dict) else state
+    model = WideResNetSwish(num_classes, depth, width)
+    own = model.state_dict()
+    stripped = {}
+    for k, v in state.items():
+        parts = k.split(".")
+        parts = parts[1:] if parts[0] == "module" else parts
+        parts = parts[1:] if parts and parts[0].isdigit() else parts
+        stripped[".".join(parts)] = v
+    missing = [k for k in own if k not in stripped or stripped[k].shape != own[k].shape]
+    if missing:
+        raise PinppError(f"{path}: not a WRN-{depth}-{width} Tiny-ImageNet checkpoint of DM-Improves-AT (missing or "
+                         f"reshaped: {missing[0]}); download tiny_linf_wrn28-10.pt from huggingface.co/wzekai99/DM-Improves-AT1")
+    model.load_state_dict({k: stripped[k] for k in own})
+    return model.eval()
+
+
+def class_order(wnids: Sequence[str] = TINY_WNIDS) -> list[str]:
+    """The 200 classes in the order of the WRN's logits: sorted wnids (the folder order of tiny-imagenet-200/train,
+    which torchvision's ImageFolder and the usual .npz repacks use; DM-Improves-AT's `train.npz` labels could not be
+    read here — docs/FIDELITY.md, App. F)."""
+    return sorted(wnids)
+
+
+def tiny_batch(paths: Sequence[str | Path], size: int = 64) -> torch.Tensor:
+    """IN-1K images as the 64-px model sees them: `tiny_resize`, [0, 1] floats, N × 3 × size × size."""
+    arrs = [np.asarray(tiny_resize(Image.open(p), size), dtype=np.float32) / 255 for p in paths]
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,90 @@
+"""T-PIN++ (App. F): Tiny-ImageNet's class list and image draw, its 64-px transform, and DM-Improves-AT's WRN-28-10
+loaded from a file written in their checkpoint format."""
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pinpp_lib import tiny_pinpp
+from pinpp_lib.fileio import PinppError
+
+
+def test_tiny_imagenet_classes_are_200_imagenet_classes():
+    meta = json.loads(resources.files("pinpp_lib.data").joinpath("imagenet_classes_and_human16.json").read_text())
+    in1k = {c["wnid"] for c in meta["imagenet_classes"]}
+    assert len(set(tiny_pinpp.TINY_WNIDS)) == 200 and set(tiny_pinpp.TINY_WNIDS) <= in1k
+    assert tiny_pinpp.TINY_WNIDS[:3] == ("n09428293", "n02113799", "n02099601")  # 200_wnids.txt's own order
+
+
+def test_select_train_draws_per_class_from_a_recorded_seed():
+    cands = {f"n{c:08d}": [f"n{c:08d}/{i}.JPEG" for i in range(30)] for c in (3, 1, 2)}
+    a = tiny_pinpp.select_train(cands, per_class=10, seed=4)
+    assert a == tiny_pinpp.select_train({k: v[::-1] for k, v in cands.items()}, per_class=10, seed=4)  # order-free
+    assert a != tiny_pinpp.select_train(cands, per_class=10, seed=5)
+    assert all(len(set(v)) == 10 and set(v) <= set(cands[k]) for k, v in a.items())
+    with pytest.raises(PinppError, match="class n00000001: 30 training images with part masks, 40 needed"):
+        tiny_pinpp.select_train(cands, per_class=40)
+
+
+@pytest.mark.parametrize("shape", [(90, 61), (61, 90), (64, 64)])
+def test_tiny_resize_restates_make_tiny_imagenet(shape):
+    h, w = shape
+    arr = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    got = np.asarray(tiny_pinpp.tiny_resize(Image.fromarray(arr)))
+    # resize_image(img, 64, crop=True): h0 = (h - w) / 2 (Python 2 ints); img[h0:h0+w, :]; imresize(img, (64, 64))
+    ref = arr
+    if h > w:
+        h0 = (h - w) // 2
+        ref = arr[h0:h0 + w, :]
+    elif w > h:
+        w0 = (w - h) // 2
+        ref = arr[:, w0:w0 + h]
+    ref = np.asarray(Image.fromarray(ref).resize((64, 64), resample=Image.BILINEAR))  # scipy.misc.imresize, 'bilinear'
+    assert got.shape == (64, 64, 3) and np.array_equal(got, ref)
+
+
+def test_wrn_28_10_has_the_published_size():
+    assert sum(p.numel() for p in tiny_pinpp.WideResNetSwish(num_classes=10).parameters()) == 36_479_194  # WRN-28-10, 10 classes
+
+
+def _their_block_forward(b, x):
+    """DM-Improves-AT `ti_wideresnetwithswish._Block.forward`, restated on our block's modules."""
+    if b.has_shortcut:
+        x = b.relu_0(b.batchnorm_0(x))
+    else:
+        out = b.relu_0(b.batchnorm_0(x))
+    v = x if b.has_shortcut else out
+    v = F.pad(v, (1, 1, 1, 1)) if b.stride == 1 else F.pad(v, (0, 1, 0, 1))
+    out = b.conv_1(b.relu_1(b.batchnorm_1(b.conv_0(v))))
+    return torch.add(b.shortcut(x) if b.has_shortcut else x, out)
+
+
+@pytest.mark.parametrize("prefix", ["module.0.", "module.1."])
+def test_dm_checkpoint_loads_and_computes_as_theirs(tmp_path, prefix):
+    torch.manual_seed(0)
+    src = tiny_pinpp.WideResNetSwish(num_classes=200, depth=10, width=2)
+    for m in src.modules():  # non-trivial statistics, so that a mixed-up BN would show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    torch.save({"model_state_dict": {prefix + k: v for k, v in src.state_dict().items()}}, tmp_path / "tiny.pt")
+    model = tiny_pinpp.load_dm_checkpoint(tmp_path / "tiny.pt", depth=10, width=2)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        # their WideResNet.forward: normalise, init_conv, blocks, bn + act, 8×8 average pool, logits
+        h = src.init_conv((x - torch.tensor(tiny_pinpp.TINY_MEAN).view(3, 1, 1)) / torch.tensor(tiny_pinpp.TINY_STD).view(3, 1, 1))
+        for group in src.eval().layer:
+            for b in group.block:
+                h = _their_block_forward(b, h)
+        ref = src.logits(torch.nn.AdaptiveAvgPool2d((1, 1))(src.relu(src.batchnorm(h))).view(-1, 2 * 64))
+    torch.testing.assert_close(out, ref)
+    torch.save({"model_state_dict": {"module.0.fc.weight": torch.zeros(1)}}, tmp_path / "bad.pt")
+    with pytest.raises(PinppError, match="not a WRN-10-2 Tiny-ImageNet checkpoint"):
+        tiny_pinpp.load_dm_checkpoint(tmp_path / "bad.pt", depth=10, width=2)
