@@ -37,6 +37,9 @@ SIZE_KEYS = {
     "pseudo.batch_size", "few_shot.synth", "few_shot.batch_size", "few_shot.max_steps", "few_shot.meta_episodes",
     "few_shot.meta_episodes_deepemd",
     "few_shot.eval_episodes", "few_shot.workers", "few_shot.device",
+    # Table A3: the release's object boxes stand in for COCO (absent here), 2 epochs with the lr step between them
+    "det.dataset", "det.batch_size", "det.epochs", "det.lr_steps", "det.train_images", "det.eval_images", "det.workers",
+    "det.device",
 }
 
 
@@ -66,6 +69,7 @@ def test_rehearsal_differs_from_full_only_in_sizes(tmp_path):
     assert reh["seg.recipe"] == "paper" and reh["seg.box_head"] == "4conv1fc" and reh["seg.norm"] == "SyncBN"
     assert reh["mpm.eval.threats"] == full["mpm.eval.threats"] and len(reh["mpm.eval.threats"]) == 4
     assert reh["mpm.ablation_mode"] == "autoattack" and len(reh["robustness.mvh_datasets"]) == 17
+    assert reh["det.arch"] == "r50" and reh["det.scale"] == (1333, 800) and reh["det.clean_init"] == "torchvision://resnet50"
 
 
 def test_rehearsal_results_stay_beside_its_data(tmp_path):
