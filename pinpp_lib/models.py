@@ -34,9 +34,12 @@ def _normalise_hook(module: nn.Module, args: tuple) -> tuple:
 
 
 def resnet_gelu(num_classes: int = 1000, layers: tuple[int, ...] = (3, 4, 6, 3),
-                channels: tuple[int, ...] = (64, 128, 256, 512), stem_width: int = 64) -> ResNet:
-    """A timm ResNet (Bottleneck) with GELU everywhere, taking [0, 1] images (normalised inside)."""
-    net = ResNet(Bottleneck, layers, num_classes=num_classes, channels=channels, stem_width=stem_width, act_layer="gelu")
+                channels: tuple[int, ...] = (64, 128, 256, 512), stem_width: int = 64, cardinality: int = 1,
+                base_width: int = 64) -> ResNet:
+    """A timm ResNet (Bottleneck; ResNeXt with `cardinality` groups of `base_width`) with GELU everywhere, taking
+    [0, 1] images (normalised inside)."""
+    net = ResNet(Bottleneck, layers, num_classes=num_classes, channels=channels, stem_width=stem_width, act_layer="gelu",
+                 cardinality=cardinality, base_width=base_width)
     net.register_forward_pre_hook(_normalise_hook)
     return net
 
@@ -147,6 +150,18 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def count_flops(model: nn.Module, size: int = 224) -> int:
+    """FLOPs of one forward pass of a 1 × 3 × size × size image, as torch's FlopCounterMode counts them (2 per
+    multiply-add of convolutions and matrix products; normalisation, activations and pooling not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, size, size))
+    model.train(was)
+    return int(counter.get_total_flops())
+
+
 def deployed_params(model: nn.Module) -> int:
     """Parameters used at inference (Table 7): MPM's backbone alone (the bypass is dropped); all of a
     plain or two-stage model."""
@@ -155,6 +170,8 @@ def deployed_params(model: nn.Module) -> int:
 
 _R50 = dict(layers=(3, 4, 6, 3), channels=(64, 128, 256, 512), stem_width=64)
 _TINY = dict(layers=(1, 1, 1, 1), channels=TINY_CHANNELS, stem_width=16)
+_RX50 = dict(_R50, cardinality=32, base_width=4)  # ResNeXt-50 32×4d (T-PIN++, App. F: Table A5's backbone)
+ARCHS = {"r50": _R50, "tiny": _TINY, "rx50": _RX50}
 VARIANTS = {  # name → (bypass scales, top-down) ; None = no bypass
     "plain": None, "mpm": ((28, 14, 7), True), "mpm_sv1": ((7,), False), "mpm_sv2": ((14, 7), True),
     "mpm_sv3_notd": ((28, 14, 7), False), "twostage": "twostage",
@@ -191,13 +208,13 @@ PUBLIC = {"tv_resnet50": _tv_resnet50,  # torchvision ResNet-50 (ReLU): RobustBe
 
 
 def build(variant: str, size: str = "r50", num_classes: int = 1000, seg_classes: int = 3311) -> nn.Module:
-    """Create a model by variant ('plain', 'mpm', 'mpm_sv1', ..., or a `PUBLIC` architecture) and size ('r50' or
-    'tiny'; public architectures are R50)."""
+    """Create a model by variant ('plain', 'mpm', 'mpm_sv1', ..., or a `PUBLIC` architecture) and size ('r50', 'rx50'
+    (ResNeXt-50 32×4d) or 'tiny'; public architectures are R50)."""
     if variant in PUBLIC:
         return PUBLIC[variant](num_classes)
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
-    arch = {"r50": _R50, "tiny": _TINY}[size]
+    arch = ARCHS[size]
     backbone = resnet_gelu(num_classes, **arch)
     spec = VARIANTS[variant]
     if spec is None:
@@ -218,6 +235,6 @@ def _register(name: str, variant: str, size: str) -> None:
 
 
 for _v in VARIANTS:
-    for _s, _suffix in (("r50", "resnet50"), ("tiny", "tiny")):
-        _name = {"plain": "resnet50_gelu" if _s == "r50" else "resnet_gelu_tiny"}.get(_v, f"{_v}_{_suffix}")
+    for _s, _suffix in (("r50", "resnet50"), ("tiny", "tiny"), ("rx50", "resnext50_32x4d")):
+        _name = {"plain": {"r50": "resnet50_gelu", "tiny": "resnet_gelu_tiny", "rx50": "resnext50_32x4d_gelu"}[_s]}.get(_v, f"{_v}_{_suffix}")
         _register(_name, _v, _s)

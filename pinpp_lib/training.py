@@ -51,7 +51,7 @@ class TrainConfig(Checked):
     """One training run. Defaults: the paper's AT recipe for MPM on ResNet-50-GELU (authors' code where the
     paper is silent; docs/FIDELITY.md)."""
     variant: str = "mpm"              # plain | mpm | mpm_sv1 | mpm_sv2 | mpm_sv3_notd | twostage
-    arch: str = "r50"                 # r50 | tiny
+    arch: str = "r50"                 # r50 | rx50 (ResNeXt-50 32×4d, T-PIN++) | tiny
     object_mask: bool = False         # Table A4: object-mask supervision (num_classes + 1 seg classes)
     seg_dir: str = layout.TRAIN_SEG_DIR  # train/<seg_dir>: real + pseudo (CF) labels; "seg" = real only (ablation)
     epochs: int = 80
@@ -92,7 +92,7 @@ class TrainConfig(Checked):
     transform: TransformConfig = field(default_factory=TransformConfig)
 
     LIMITS: ClassVar[dict[str, Rule]] = {
-        "variant": one_of(*models.VARIANTS), "arch": one_of("r50", "tiny"), "epochs": at_least(0), "batch_size": at_least(1),
+        "variant": one_of(*models.VARIANTS), "arch": one_of(*models.ARCHS), "epochs": at_least(0), "batch_size": at_least(1),
         "lr": above(0), "lr_ref_batch": at_least(1), "min_lr": at_least(0), "warmup_lr": at_least(0),
         "momentum": between(0, 1), "weight_decay": at_least(0), "warmup_epochs": at_least(0), "ema_decay": between(0, 1),
         "label_smoothing": between(0, 0.999), "lam": at_least(0), "gamma": at_least(0), "eps": at_least(0),

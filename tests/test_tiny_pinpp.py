@@ -88,3 +88,26 @@ def test_dm_checkpoint_loads_and_computes_as_theirs(tmp_path, prefix):
     torch.save({"model_state_dict": {"module.0.fc.weight": torch.zeros(1)}}, tmp_path / "bad.pt")
     with pytest.raises(PinppError, match="not a WRN-10-2 Tiny-ImageNet checkpoint"):
         tiny_pinpp.load_dm_checkpoint(tmp_path / "bad.pt", depth=10, width=2)
+
+
+def test_resnext50_gelu_and_its_mpm():
+    """Table A5's backbone: timm's ResNeXt-50 32×4d layout with GELU (same parameter count as timm's ReLU model), and
+    MPM on it with the part heads at 28², 14², 7² for 224-px input."""
+    import timm
+    from pinpp_lib import models
+    net = models.build("plain", "rx50", 200)
+    assert models.count_params(net) == models.count_params(timm.create_model("resnext50_32x4d", num_classes=200))
+    assert net.layer1[0].conv2.groups == 32 and net.layer1[0].conv2.out_channels == 128  # 32 groups × 4 channels
+    assert isinstance(net.act1, torch.nn.GELU) or type(net.act1).__name__ == "GELU"
+    mpm = models.build("mpm", "rx50", 200, seg_classes=50).train()
+    logits, parts = mpm(torch.rand(2, 3, 224, 224))
+    assert logits.shape == (2, 200) and [p.shape[-1] for p in parts] == [28, 14, 7]
+    assert models.deployed_params(mpm) == models.count_params(net)
+
+
+def test_flop_counter_counts_two_per_multiply_add():
+    from pinpp_lib import models
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.Flatten(), torch.nn.Linear(8 * 16 * 16, 5))
+    assert models.count_flops(conv, 16) == 2 * (8 * 16 * 16 * 3 * 3 * 3) + 2 * (8 * 16 * 16 * 5)
+    r50 = models.build("plain", "r50", 1000)
+    assert abs(models.count_flops(r50) / 2e9 - 4.09) < 0.05  # ResNet-50's 4.1 G multiply-adds at 224 px
