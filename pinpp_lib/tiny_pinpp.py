@@ -12,12 +12,16 @@ robust model the paper compares with (Table A5).
                         `core/models/ti_wideresnetwithswish.py`), restated with its module names so that its
                         checkpoints load: SiLU, BatchNorm momentum 0.01, 'SAME'-padded strided 3×3 convs, pre-activation
                         shortcuts, Tiny-ImageNet's mean/std inside (it takes [0, 1] images, as the kit's models)
+    build               the T-PIN++ tree: a converted-layout folder (train/img, train/<part labels>, parts.json,
+                        val_1w/) over the selected training images and the IN-1K val images of the classes, which
+                        notebook 05's training and evaluation code reads unchanged (labels: the classes' sorted order)
     load_dm_checkpoint  their checkpoint file ({"model_state_dict": ...} of DataParallel(Sequential([Normalization,]
                         model)), `core/utils/train.py` `save_model`) into a WideResNetSwish, weights-only
 """
 from __future__ import annotations
 
 import random
+import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -28,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from . import checkpoint
+from . import checkpoint, fileio, layout, masks, store
 from .fileio import PinppError
 
 TINY_WNIDS: tuple[str, ...] = tuple(
@@ -49,6 +53,62 @@ def select_train(candidates: dict[str, Sequence[str]], per_class: int = 500, see
                              "label the class's unannotated images first (notebook 04) or lower tiny.per_class")
         out[wnid] = rng.sample(files, per_class)
     return out
+
+
+def _link(target: Path, link: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target.resolve())
+
+
+def build(converted: str | Path, imagenet_val: str | Path, out: str | Path, classes: Sequence[str] = TINY_WNIDS,
+          per_class: int = 500, seed: int = 0, seg_dir: str = layout.TRAIN_SEG_DIR) -> dict:
+    """Write (or reuse) the T-PIN++ tree at `out` from the converted release; returns its record.
+
+    Training: `select_train` over each class's train images that have a label map in `seg_dir` (real + pseudo CF:
+    every image after notebook 04). Evaluation: every IN-1K val image of the classes, from `imagenet_val/<wnid>/`
+    (ImageNet's val in class folders). Everything is linked, nothing copied; the tree is reused while its classes,
+    draw and inputs are unchanged."""
+    converted, out, val = Path(converted), Path(out), Path(imagenet_val)
+    img_root, seg_root = converted / "train" / "img", converted / "train" / seg_dir
+    missing = [w for w in classes if not (img_root / w).is_dir()]
+    if missing:
+        raise PinppError(f"{img_root}: {len(missing)} of the {len(classes)} T-PIN++ classes have no training images "
+                         f"(e.g. {missing[0]}); convert the full release first (notebook 00)")
+    cands = {w: [f"{w}/{f.name}" for f in sorted((img_root / w).iterdir()) if masks.seg_path_for(seg_root, f"{w}/{f.name}").exists()]
+             for w in classes}
+    vals = {}
+    for w in classes:
+        if not (val / w).is_dir():
+            raise PinppError(f"{val / w}: the IN-1K val images of {w} not found; T-PIN++ is evaluated on every val image of "
+                             "its classes, from ImageNet's val in class folders (<imagenet val>/<wnid>/<file>)")
+        vals[w] = sorted(f.name for f in (val / w).iterdir() if f.is_file() or f.is_symlink())
+    ident = store.Identity("tpinpp", {"classes": sorted(classes), "per_class": per_class, "seed": seed, "seg_dir": seg_dir},
+                           {"candidates": store.names_digest(sorted(c for v in cands.values() for c in v)),
+                            "val": store.names_digest(sorted(f"{w}/{f}" for w, fs in vals.items() for f in fs)),
+                            "parts": fileio.sha256_file(converted / "parts.json")})
+    done = store.finished(out, ident, "tpinpp.json")
+    if done is not None:
+        return done
+    chosen = select_train(cands, per_class, seed)
+    for sub in ("train", "val_1w"):  # links of an earlier draw (only links live there)
+        shutil.rmtree(out / sub, ignore_errors=True)
+    order = sorted(classes)
+    for w in order:
+        for rel in chosen[w]:
+            _link(img_root / rel, out / "train" / "img" / rel)
+            _link(masks.seg_path_for(seg_root, rel), masks.seg_path_for(out / "train" / seg_dir, rel))
+    _link(converted / "parts.json", out / "parts.json")
+    lines = []
+    for label, w in enumerate(order):
+        _link(val / w, out / "val_1w" / "img" / w)
+        lines += [f"{w}/{f} {label}" for f in vals[w]]
+    fileio.write_text(out / "val_1w" / "val_list.txt", "\n".join(lines) + "\n")
+    fileio.write_json(out / "train_images.json", {w: chosen[w] for w in order}, indent=1)
+    return store.finish(out, ident, [out / "train_images.json", out / "val_1w" / "val_list.txt"],
+                        {"classes": len(order), "train_images": sum(map(len, chosen.values())), "val_images": len(lines)},
+                        "tpinpp.json")
 
 
 def tiny_resize(img: Image.Image, size: int = 64) -> Image.Image:

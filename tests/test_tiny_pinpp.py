@@ -3,6 +3,7 @@ loaded from a file written in their checkpoint format."""
 from __future__ import annotations
 
 import json
+import shutil
 from importlib import resources
 
 import numpy as np
@@ -111,3 +112,34 @@ def test_flop_counter_counts_two_per_multiply_add():
     assert models.count_flops(conv, 16) == 2 * (8 * 16 * 16 * 3 * 3 * 3) + 2 * (8 * 16 * 16 * 5)
     r50 = models.build("plain", "r50", 1000)
     assert abs(models.count_flops(r50) / 2e9 - 4.09) < 0.05  # ResNet-50's 4.1 G multiply-adds at 224 px
+
+
+def test_build_writes_a_converted_layout_of_the_draw(tmp_path):
+    from pinpp_lib.datasets import list_image_folder, val_dataset
+    conv, val, out = tmp_path / "converted", tmp_path / "val", tmp_path / "tpinpp"
+    wnids = ("n02099601", "n01443537")
+    for w in (*wnids, "n09999999"):
+        for i in range(6):
+            (conv / "train" / "img" / w).mkdir(parents=True, exist_ok=True)
+            (conv / "train" / "img" / w / f"{w}_{i}.JPEG").write_bytes(b"x")
+            if i != 5:  # one image per class has no label map: never drawn
+                (conv / "train" / "seg_pseudo_cf" / w).mkdir(parents=True, exist_ok=True)
+                (conv / "train" / "seg_pseudo_cf" / w / f"{w}_{i}.png").write_bytes(b"x")
+        (val / w).mkdir(parents=True)
+        for i in range(3):
+            (val / w / f"ILSVRC2012_val_{i:08d}.JPEG").write_bytes(b"x")
+    (conv / "parts.json").write_text("[]")
+    rec = tiny_pinpp.build(conv, val, out, classes=wnids, per_class=4, seed=1)
+    assert (rec["classes"], rec["train_images"], rec["val_images"]) == (2, 8, 6)
+    classes, samples = list_image_folder(out / "train" / "img")
+    assert classes == sorted(wnids) and len(samples) == 8 and not any(s.endswith("_5.JPEG") for s, _ in samples)
+    assert all((out / "train" / "seg_pseudo_cf" / s).with_suffix(".png").exists() for s, _ in samples)
+    assert [lab for _, lab in val_dataset(out).samples] == [0, 0, 0, 1, 1, 1]  # sorted wnids
+    assert tiny_pinpp.build(conv, val, out, classes=wnids, per_class=4, seed=1) == rec  # reused
+    rec2 = tiny_pinpp.build(conv, val, out, classes=wnids, per_class=2, seed=1)
+    assert rec2["train_images"] == 4 and len(list_image_folder(out / "train" / "img")[1]) == 4  # no stale links
+    with pytest.raises(PinppError, match="1 of the 1 T-PIN.. classes have no training images .e.g. n09428293."):
+        tiny_pinpp.build(conv, val, out, classes=("n09428293",), per_class=2)
+    shutil.rmtree(val / wnids[0])
+    with pytest.raises(PinppError, match=f"val/{wnids[0]}: the IN-1K val images of {wnids[0]} not found"):
+        tiny_pinpp.build(conv, val, out, classes=wnids, per_class=2)
