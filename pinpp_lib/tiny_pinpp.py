@@ -210,7 +210,22 @@ def class_order(wnids: Sequence[str] = TINY_WNIDS) -> list[str]:
     return sorted(wnids)
 
 
-def tiny_batch(paths: Sequence[str | Path], size: int = 64) -> torch.Tensor:
-    """IN-1K images as the 64-px model sees them: `tiny_resize`, [0, 1] floats, N × 3 × size × size."""
-    arrs = [np.asarray(tiny_resize(Image.open(p), size), dtype=np.float32) / 255 for p in paths]
+def authors_tiny_resize(img: Image.Image, size: int = 64) -> Image.Image:
+    """The authors' evaluation of a non-224 model (LixiaoTHU/PartImageNetPP @e132f50 `eval.py` `build_transform`, the
+    "for tiny" branch): `transforms.Resize(size, BICUBIC)` — the shorter side to `size`, no crop (square only for
+    square inputs, so their batches imply images prepared square; which images the paper fed it is not in the code)."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)  # torchvision's _compute_resized_output_size: truncation
+    new = (size, new_long) if w <= h else (new_long, size)
+    return img.convert("RGB").resize(new, Image.BICUBIC)
+
+
+TINY_TRANSFORMS = {"tiny_imagenet": tiny_resize, "authors_eval": authors_tiny_resize}
+
+
+def tiny_batch(paths: Sequence[str | Path], size: int = 64, transform: str = "tiny_imagenet") -> torch.Tensor:
+    """IN-1K images as the 64-px model sees them (`TINY_TRANSFORMS`: Tiny-ImageNet's own centre crop + bilinear, or the
+    authors' `eval.py` resize), [0, 1] floats, N × 3 × H × W (one size per batch)."""
+    arrs = [np.asarray(TINY_TRANSFORMS[transform](Image.open(p), size), dtype=np.float32) / 255 for p in paths]
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()

@@ -143,3 +143,15 @@ def test_build_writes_a_converted_layout_of_the_draw(tmp_path):
     shutil.rmtree(val / wnids[0])
     with pytest.raises(PinppError, match=f"val/{wnids[0]}: the IN-1K val images of {wnids[0]} not found"):
         tiny_pinpp.build(conv, val, out, classes=wnids, per_class=2)
+
+
+@pytest.mark.parametrize("shape", [(90, 61), (61, 90), (64, 64), (500, 375)])
+def test_authors_tiny_resize_is_their_eval_transform(shape):
+    """eval.py's "for tiny" branch: torchvision's Resize(64, BICUBIC) on the PIL image (the library object itself)."""
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+    h, w = shape
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (h, w, 3), dtype=np.uint8))
+    ref = transforms.Resize(64, interpolation=InterpolationMode.BICUBIC)(img)
+    got = tiny_pinpp.authors_tiny_resize(img)
+    assert got.size == ref.size and np.array_equal(np.asarray(got), np.asarray(ref))
