@@ -296,7 +296,8 @@ def train(dc: DetConfig, row: str, init: str, act: str, data: DetData, out: str 
     if dc.batch_size % world:
         raise PinppError(f"det.batch_size {dc.batch_size} does not split over {world} processes; choose a multiple")
     ds = dataset(dc, data.train_ann, data.train_img, train=True)
-    flags = np.array([int(ds.get_data_info(i)["width"] / ds.get_data_info(i)["height"] > 1) for i in range(len(ds))])
+    infos = [ds.get_data_info(i) for i in range(len(ds))]
+    flags = np.array([int(info["width"] / info["height"] > 1) for info in infos])
     torch.manual_seed(dc.seed)
     model = build_detector(dc, len(ds.metainfo["classes"]), init, act).to(dev)
     opt = torch.optim.AdamW(param_groups(model, dc), lr=dc.lr, betas=(0.9, 0.999), weight_decay=dc.weight_decay)
@@ -364,7 +365,7 @@ def detections(run: dict, dc: DetConfig, data: DetData, attack: str | None) -> l
     from mmengine.dataset import pseudo_collate
     model = load_detector(run, dc)
     ds = dataset(dc, data.val_ann, data.val_img, train=False)
-    cat_ids = sorted(c["id"] for c in fileio.read_json(data.val_ann, "COCO annotation file", "re-create it")["categories"])
+    cat_ids = list(ds.cat_ids)  # mmdet's own label → category id map (the file's ids in `classes` order)
     dets: list[dict] = []
     t0 = time.time()
     for i in tqdm(range(len(ds)), desc=f"{run['row']}: {attack or 'clean'}"):
