@@ -105,6 +105,30 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tiny_train(a: argparse.Namespace) -> int:
+    from . import tiny_experiments as tx
+    from .config import apply_overrides, resolve
+    from .training import train
+    a.run = a.run or a.run_opt
+    s = resolve(a.profile, data_root=a.data_root, seed=a.seed)
+    work = s.paths.work("tiny", a.work)
+    # the run names do not depend on the init: check the name before the tree is built or an init is looked up
+    if a.run not in tx.plan(s.tiny, "none"):
+        raise PinppError(f"unknown run {a.run!r}; T-PIN++ runs of this profile: {', '.join(tx.plan(s.tiny, 'none'))}")
+    rank, _, _ = distributed.setup()  # under torchrun: one process writes the tree (the same one notebook 09 builds)
+    if rank == 0:
+        tx.build_tree(s.tiny, s.paths.converted, s.paths.imagenet_val, work / "tpinpp")
+    distributed.barrier()
+    tc = apply_overrides(tx.plan(s.tiny, tx.resolve_init(s.tiny, s.paths.work("mpm", a.mpm_work)))[a.run], _parse_sets(a.set),
+                         "train config")
+    with jobs.job_threads(s.tiny.jobs):  # the numbers notebook 09 gets for this run
+        result = train(tc, work / "tpinpp", work / a.run, resume=not a.restart)
+    distributed.teardown()
+    if result:
+        print(json.dumps({k: v for k, v in result.items() if k not in ("config", "classes")}, indent=1))
+    return 0
+
+
 def _cmd_eval_aa(a: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -337,6 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
     tr.add_argument("--restart", action="store_true", help="ignore existing checkpoints (default: resume)")
     tr.set_defaults(fn=_cmd_train)
+
+    tt = sub.add_parser("tiny-train", help="train one T-PIN++ run of notebook 09 (Table A5, Fig. A1; also under torchrun)")
+    tt.add_argument("run", nargs="?", help="run name, e.g. rx50_mpm, rx50_plain, r50_mpm_lambda2 (see notebook 09)")
+    tt.add_argument("--run", dest="run_opt", metavar="RUN", help="the same, as an option (not under torchrun)")
+    tt.add_argument("--profile", default="smoke", choices=PROFILES)
+    tt.add_argument("--data-root")
+    tt.add_argument("--work", help="folder of the T-PIN++ tree and runs (default <data-root>/runs/tiny)")
+    tt.add_argument("--mpm-work", help="notebook 05's runs, for tiny.init=mpm_clean_run (default <data-root>/runs/mpm)")
+    tt.add_argument("--seed", type=int)
+    tt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
+    tt.add_argument("--restart", action="store_true", help="ignore existing checkpoints (default: resume)")
+    tt.set_defaults(fn=_cmd_tiny_train)
 
     ev = sub.add_parser("eval-aa", help="AutoAttack (or PGD dev mode) per-image records for a trained run")
     ev.add_argument("--run-dir", required=True)

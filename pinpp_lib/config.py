@@ -43,6 +43,7 @@ from .runmeta import code_mismatch, repo_root
 from .seg_recipes import RECIPES
 from .segmentation import SegConfig
 from .synthetic import SynthConfig
+from .tiny_experiments import TinyConfig
 
 PROFILES = ("smoke", "rehearsal", "full")
 
@@ -69,7 +70,7 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         # per epoch over 1 (0 in epoch 0, full in epoch 1), so that the short run still attacks at full strength.
         # Released weights (Table 3's reference rows) are 1000-class ImageNet models: nothing to measure on 10 synthetic
         # classes, so smoke shows their published rows only.
-        "mpm": {"clean_epochs": 30, "at_init": "clean_run", "device": "cpu", "lambdas": (2.0,), "jobs": 2, "eval_images": 20,
+        "mpm": {"clean_epochs": 30, "at_init": "clean_run", "device": "cpu", "jobs": 2, "eval_images": 20,
                 "released": False,
                 "ablation_mode": "pgd",
                 "at": {"arch": "tiny", "epochs": 2, "batch_size": 32, "lr": 1.6, "init_stage_epochs": 1, "workers": 0,
@@ -105,6 +106,18 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         "det": {"dataset": "pinpp_objects", "clean_init": "clean_run", "arch": "tiny", "width": 0.125, "scale": (160, 96),
                 "batch_size": 4, "epochs": 2, "lr_steps": (1,), "warmup_iters": 2, "rois_per_image": 32, "train_images": 16,
                 "eval_images": 8, "workers": 0, "jobs": 2, "device": "cpu"},
+        # Notebook 09 (Table A5, Fig. A1): T-PIN++ from the 5 of Tiny-ImageNet's classes the release has, 40 training
+        # images each (every annotated one; the rest are pseudo-labelled), notebook 05's smoke AT recipe and tiny ResNet
+        # for both backbones (so Table A5's runs are Fig. A1's λ = 0 and 1), started from notebook 05's clean run (no
+        # ImageNet weights here), λ = 2 as the third point; PGD-20 on the 20 val images (5 classes: too few for standard
+        # AutoAttack) at both threats, every model attacked (clean floor 0: 2 epochs on 200 images leave some models
+        # below 2 × chance, and a row of dashes would exercise nothing).
+        "tiny": {"classes": "in_release", "per_class": 40, "init": "mpm_clean_run", "sweep_arch": "tiny", "lambdas": (2.0,),
+                 "device": "cpu", "jobs": 2,
+                 "at": {"arch": "tiny", "epochs": 2, "batch_size": 32, "lr": 1.6, "init_stage_epochs": 1, "workers": 0,
+                        "ema_decay": 0.98, "ckpt_every": 100, "log_every": 5, "warmup_epochs": 0.5,
+                        "attack_warmup_epochs": 1.0, "transform": {"size": 64, "scale": (0.6, 1.0)}},
+                 "eval": {"mode": "pgd", "batch_size": 128, "clean_floor": 0.0}},
         # The smoke part model scores low after 60 iterations; at the default 0.5 it would paint nothing.
         "pseudo": {"batch_size": 8, "score_thr": 0.05},
         # Notebook 07: its own synthetic release with 20 classes (10 train / 5 val / 5 test; 5-way episodes need
@@ -143,6 +156,12 @@ _OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         # release's object boxes (no COCO here): 2 images, 2 epochs (the lr step between them), 1 image attacked.
         "det": {"dataset": "pinpp_objects", "batch_size": 2, "epochs": 2, "lr_steps": (1,), "train_images": 2,
                 "eval_images": 1, "workers": 1, "device": "cpu"},
+        # T-PIN++ of all 200 classes, 2 training images each (the release's 2 per class), ResNeXt-50 and ResNet-50 at 224
+        # from the stand-in torchvision files, 2 steps per stage, AutoAttack at both threats on 16 of its 200 val images;
+        # Wang et al.'s WRN from a stand-in file in their checkpoint format.
+        "tiny": {"per_class": 2, "device": "cpu", "eval_images": 16,
+                 "at": {"batch_size": 4, "max_steps": 2, "workers": 2, "log_every": 1},
+                 "eval": {"batch_size": 8, "clean_floor": 0.0}},
         # The authors' 900/50/50 split of 1000 classes, ResNet-12 at 80/84 px; 20 images per class (5-shot + 15 queries).
         "few_shot": {"synth": SynthConfig(classes=1000, images_per_class=20, unannotated_per_class=0, val_per_class=0,
                                           size=96, seed=5),
@@ -199,6 +218,7 @@ class Settings:
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     det: DetConfig = field(default_factory=DetConfig)
+    tiny: TinyConfig = field(default_factory=TinyConfig)
 
     def ready(self, needs: str | None = None) -> str:
         """"data → …, results → …" for a notebook's first output. `needs` ("release" | "converted"): notebook 00's

@@ -26,3 +26,9 @@ def teardown() -> None:
     """Close the process group a torchrun job opened (NCCL warns about leaked resources otherwise)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every process of a torchrun job (no-op in a single process): e.g. until rank 0 has written a shared input."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

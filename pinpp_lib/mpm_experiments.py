@@ -4,7 +4,6 @@
     Table 7    two-stage, SV1, SV2 (w/ TD), SV3 w/ TD (= MPM), SV3 w/o TD: params, clean, robust
     Table A4   object-mask vs part-mask supervision
     Table 6 R  MPM on real labels only / + pseudo labels w/o CF / + pseudo labels w/ CF
-    Fig. A1    robust accuracy against λ (the focal-loss weight)
 
 Every run is one `training.train` call; every number comes from per-image AutoAttack records
 (`robust_eval`), aggregated here with 95% intervals. Claims of the paper are checked with paired
@@ -23,7 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, fileio, jobs, layout, models, plots, reporting, robust_eval
+from . import checkpoint, fileio, jobs, layout, models, reporting, robust_eval
 from .datasets import TransformConfig, eval_transform, require_train_labels, val_dataset
 from .checks import Checked, Rule, at_least, device_name, each, one_of
 from .robust_eval import EvalConfig
@@ -46,15 +45,14 @@ class ExperimentConfig(Checked):
     clean_epochs: int = 100            # the clean (non-AT) recipe: from scratch
     clean_min_lr: float = 1e-3         # its cosine floor (authors' *_ori.yaml; AT configs: 1e-2)
     at_init: str = "torchvision_v2"    # AT runs start here; "clean_run" = the weights of this experiment's clean run
-    lambdas: tuple[float, ...] = (0.5, 2.0)
     eval: EvalConfig = field(default_factory=EvalConfig)   # Table 3: vanilla AT and MPM AT
-    ablation_threats: tuple[str, ...] = ("Linf-4/255",)  # Tables 7, A4, 6-right and Fig. A1
+    ablation_threats: tuple[str, ...] = ("Linf-4/255",)  # Tables 7, A4 and 6-right
     ablation_mode: str = "autoattack"  # or "pgd": PGD-k, flagged non-standard in records and tables
     eval_images: int = 0               # smoke, rehearsal: N images spread over the evaluation list; 0: all of it
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     jobs: int = 1                      # runs trained at once, one CPU thread each (smoke: 2 cores); 1: one after another
     released: bool = True              # Table 3: also evaluate the released weights under <data root>/released
-    LIMITS: ClassVar[dict[str, Rule]] = {"clean_epochs": at_least(0), "clean_min_lr": at_least(0), "lambdas": each(at_least(0)),
+    LIMITS: ClassVar[dict[str, Rule]] = {"clean_epochs": at_least(0), "clean_min_lr": at_least(0),
                                          "eval_images": at_least(0), "jobs": at_least(1),
                                          "ablation_threats": each(one_of(*robust_eval.THREATS)),
                                          "ablation_mode": one_of("autoattack", "pgd"), "device": device_name}
@@ -75,8 +73,6 @@ def plan(cfg: ExperimentConfig) -> dict[str, TrainConfig]:
         runs[f"at_{v}"] = dataclasses.replace(at, variant=v, **init)
     runs["at_plain"] = dataclasses.replace(at, variant="plain", init_stage_epochs=0, **init)
     runs["at_mpm_object"] = dataclasses.replace(at, variant="mpm", object_mask=True, **init)
-    for lam in cfg.lambdas:
-        runs[f"at_mpm_lambda{lam:g}"] = dataclasses.replace(at, variant="mpm", lam=lam, **init)
     for run, seg_dir in TABLE6_RUNS.values():
         runs.setdefault(run, dataclasses.replace(at, variant="mpm", seg_dir=seg_dir, **init))
     return runs
@@ -203,7 +199,7 @@ def run_evaluation(trained: dict[str, dict], cfg: ExperimentConfig, x: torch.Ten
 
     "table3"    `cfg.eval` (all four threats in full), Table 3's runs only;
     "ablation"  `ablation_threats` / `ablation_mode`, every AT run, so that Tables 7, A4, 6-right and
-                Fig. A1 compare like with like. Identical shards are computed once (records are cached).
+                compare like with like. Identical shards are computed once (records are cached).
     A run below the clean-accuracy floor is recorded (clean flags) but not attacked. Runs are evaluated
     `cfg.jobs` at a time (each attack with one CPU thread when side by side).
     """
@@ -297,40 +293,3 @@ def claim(records: pd.DataFrame, better: str, worse: str, threat: str, col: str,
     verdict = "reproduced" if lo > 0 else ("contradicted" if hi < 0 else "not reproduced (interval includes 0)")
     return {"claim": text, "difference (pts)": 100 * mean, "95% CI": f"[{100 * lo:.1f}, {100 * hi:.1f}]", "verdict": verdict,
             "evaluation": " vs ".join(sorted({_evaluation(records, better, protocol), _evaluation(records, worse, protocol)}))}
-
-
-def lambda_curve(records: pd.DataFrame, cfg: ExperimentConfig, threat: str) -> pd.DataFrame:
-    """Robust and clean accuracy against λ (λ = 0 is the vanilla AT model: no part loss)."""
-    points = [(0.0, "at_plain"), (1.0, "at_mpm")] + [(lam, f"at_mpm_lambda{lam:g}") for lam in cfg.lambdas]
-    rows = []
-    for lam, run in sorted(points):
-        if run in set(records.run):
-            a = _acc(records, run, threat)
-            rows.append({"lambda": lam, "robust": a.value, "robust_lo": a.lo, "robust_hi": a.hi, "n": a.n,
-                         "clean": _acc(records, run, threat, "clean").value, "run": run,
-                         "evaluation": _evaluation(records, run, "ablation")})
-    if not rows:  # nothing trained (TRAIN = False): an empty curve with numeric columns, plotted as empty axes
-        return pd.DataFrame({c: pd.Series(dtype=float if c not in ("run", "evaluation") else object)
-                             for c in ("lambda", "robust", "robust_lo", "robust_hi", "n", "clean", "run", "evaluation")})
-    return pd.DataFrame(rows)
-
-
-def plot_lambda(curve: pd.DataFrame, path: str | Path, threat: str) -> Path:
-    """Fig. A1-style plot: robust accuracy (with 95% intervals) and clean accuracy against λ."""
-    plt = plots.pyplot()
-    import seaborn as sns
-    fig, ax = plt.subplots(figsize=(6.5, 3.2))
-    how = ", ".join(sorted(set(curve["evaluation"])))
-    sns.lineplot(data=curve, x="lambda", y="robust", marker="o", ax=ax, label=f"robust ({threat}; {how})",
-                 color=plots.MODEL_COLOURS["robust"])
-    ax.fill_between(curve["lambda"], curve["robust_lo"], curve["robust_hi"], alpha=0.2, color=plots.MODEL_COLOURS["robust"],
-                    label=f"robust: 95% Wilson interval ({int(curve['n'].max()) if len(curve) else 0} images)")
-    sns.lineplot(data=curve, x="lambda", y="clean", marker="s", ax=ax, label="clean", color=plots.MODEL_COLOURS["clean"])
-    ax.set_xlabel("λ (focal-loss weight)")
-    ax.set_ylabel("accuracy (%)")
-    if curve.empty:
-        ax.text(0.5, 0.5, "no λ run has finished", transform=ax.transAxes, ha="center")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)  # off the data
-    fig.tight_layout()
-    plots.save(fig, path, dpi=120)
-    return Path(path)

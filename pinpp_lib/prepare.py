@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import convert, pretrained, synthetic, table3_released
+from . import convert, pretrained, synthetic, table3_released, tiny_experiments
 from .config import Settings
 from .fileio import PinppError
 
@@ -41,6 +41,8 @@ def prepare_data(s: Settings, workers: int | None = None) -> dict:
         pretrained.write_standins(folder)
         if s.mpm.released and s.paths.released is not None:  # Table 3's released weights, in their published layouts
             table3_released.write_standins(s.paths.released)
+        if s.paths.released is not None:  # Table A5's public Tiny-ImageNet WRN, in DM-Improves-AT's format
+            tiny_experiments.write_wrn_standin(s.paths.released / tiny_experiments.WRN_FILE)
     check_inputs(s)
     return convert.convert(s.paths.release, s.paths.imagenet_train, s.paths.converted,
                            s.paths.imagenet_val, s.paths.val_list, s.convert)

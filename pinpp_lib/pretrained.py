@@ -68,11 +68,13 @@ def use_cache(folder: str | Path | None) -> None:
 
 def torchvision_files() -> dict[str, str]:
     """File name → torchvision architecture of every torch-hub file the kit loads: ResNet-50 V2 (MPM/AT init,
-    `training.load_init`) and mmengine's `torchvision://resnet50` / `resnet101` (segmentation backbones)."""
+    `training.load_init`), ResNeXt-50 32×4d V2 (T-PIN++'s Table A5 init) and mmengine's `torchvision://resnet50` /
+    `resnet101` (segmentation backbones)."""
     from mmengine.runner.checkpoint import get_torchvision_models
-    from torchvision.models import ResNet50_Weights
+    from torchvision.models import ResNet50_Weights, ResNeXt50_32X4D_Weights
     mm = get_torchvision_models()
-    urls = {ResNet50_Weights.IMAGENET1K_V2.url: "resnet50", mm["resnet50"]: "resnet50", mm["resnet101"]: "resnet101"}
+    urls = {ResNet50_Weights.IMAGENET1K_V2.url: "resnet50", ResNeXt50_32X4D_Weights.IMAGENET1K_V2.url: "resnext50_32x4d",
+            mm["resnet50"]: "resnet50", mm["resnet101"]: "resnet101"}
     return {url.rsplit("/", 1)[1]: arch for url, arch in urls.items()}
 
 

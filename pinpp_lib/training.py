@@ -131,8 +131,9 @@ def _seed_step(seed: int, cuda: bool) -> None:
         torch.cuda.manual_seed(seed)
 
 
-def load_init(backbone: nn.Module, init: str, keep_fc: bool = True) -> None:
-    """Initialise the backbone: nothing, torchvision's ResNet-50 V2 weights, or a weights file.
+def load_init(backbone: nn.Module, init: str, keep_fc: bool = True, arch: str = "r50") -> None:
+    """Initialise the backbone: nothing, torchvision's V2 ImageNet weights of `arch` (ResNet-50 for r50, the §4.3
+    init; ResNeXt-50 32×4d for rx50, T-PIN++'s Table A5), or a weights file.
 
     `keep_fc=False` leaves the classifier freshly initialised (the authors drop the fc before the part
     models' init stage); a classifier of another size is never loaded.
@@ -140,12 +141,12 @@ def load_init(backbone: nn.Module, init: str, keep_fc: bool = True) -> None:
     if init == "none":
         return
     if init == "torchvision_v2":
-        from torchvision.models import ResNet50_Weights
+        weights = torchvision_v2_weights(arch)
         try:
-            sd = ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=False)
+            sd = weights.get_state_dict(progress=False)
         except Exception as e:  # offline: URLError/OSError/RuntimeError depending on where it fails
-            raise PinppError("torchvision ResNet-50 V2 weights are not cached and cannot be downloaded here "
-                             f"({type(e).__name__}); put resnet50-11ad3fa6.pth into $TORCH_HOME/hub/checkpoints/ "
+            raise PinppError(f"torchvision {arch} V2 weights are not cached and cannot be downloaded here "
+                             f"({type(e).__name__}); put {weights.url.rsplit('/', 1)[1]} into $TORCH_HOME/hub/checkpoints/ "
                              "or train with init=none") from None
     else:
         sd = checkpoint.load(init)
@@ -156,6 +157,15 @@ def load_init(backbone: nn.Module, init: str, keep_fc: bool = True) -> None:
     if missing:
         raise PinppError(f"{init}: does not fit the {type(backbone).__name__} backbone (missing e.g. {missing[0]})")
     backbone.load_state_dict(sd, strict=False)
+
+
+def torchvision_v2_weights(arch: str) -> Any:
+    """torchvision's IMAGENET1K_V2 weights enum of a kit architecture (no published weights for "tiny")."""
+    from torchvision.models import ResNet50_Weights, ResNeXt50_32X4D_Weights
+    table = {"r50": ResNet50_Weights.IMAGENET1K_V2, "rx50": ResNeXt50_32X4D_Weights.IMAGENET1K_V2}
+    if arch not in table:
+        raise PinppError(f"init=torchvision_v2: torchvision publishes no weights for arch {arch!r}; use init=none or a weights file")
+    return table[arch]
 
 
 def _param_groups(params: list[tuple[str, nn.Parameter]], wd: float) -> list[dict[str, Any]]:
@@ -258,7 +268,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = Tr
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.variant, cfg.arch, num_classes, seg_classes)
     stages = [("init", cfg.init_stage_epochs), ("main", cfg.epochs)]  # notebook 05's plan: no init stage for vanilla
-    load_init(model.backbone if hasattr(model, "backbone") else model, cfg.init, keep_fc=stages[0][1] == 0)
+    load_init(model.backbone if hasattr(model, "backbone") else model, cfg.init, keep_fc=stages[0][1] == 0, arch=cfg.arch)
     if cfg.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)

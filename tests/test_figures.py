@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from pinpp_lib import imagenet, plots, reporting
-from pinpp_lib import mpm_experiments as mx
 from pinpp_lib import robustness as rb
+from pinpp_lib import tiny_experiments as tx
 
 
 @pytest.fixture
@@ -60,6 +60,6 @@ def test_corruption_curve_starts_at_the_clean_accuracy_with_wilson_intervals(tmp
 def test_lambda_figure_labels_its_interval_band(tmp_path, captured):
     curve = pd.DataFrame({"lambda": [0.0, 1.0], "robust": [10.0, 20.0], "robust_lo": [5.0, 12.0], "robust_hi": [18.0, 30.0],
                           "n": [20, 20], "clean": [40.0, 45.0], "run": ["at_plain", "at_mpm"], "evaluation": ["AutoAttack"] * 2})
-    mx.plot_lambda(curve, tmp_path / "l.png", "Linf-4/255")
+    tx.plot_lambda(curve, tmp_path / "l.png", "Linf-4/255")
     labels = [t.get_text() for t in captured[-1].axes[0].get_legend().get_texts()]
     assert any("95% Wilson interval (20 images)" in t for t in labels) and "clean" in labels

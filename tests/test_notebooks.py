@@ -141,16 +141,16 @@ def test_mpm_notebook(smoke_run):
     assert claims.verdict.str.match(r"reproduced|not reproduced|contradicted|not evaluated").all()
     records = pd.read_csv(results / "records" / "mpm_autoattack.csv.gz")
     assert {"run", "protocol", "index", "threat", "clean", "robust", "standard"} <= set(records.columns)
-    _assert_real_figure(results / "figA1_lambda.png")
     t6 = pd.read_csv(results / "table6_right_pseudo_labels.csv")
     assert list(t6.model) == ["real labels only", "+ pseudo w/o CF", "+ pseudo w/ CF"]
     assert "real + pseudo (CF) part labels" in (results / "table3_mpm_autoattack.md").read_text()
     r50 = t7.set_index("model")["R50 params deployed (M)"].round(2)
     assert r50["two-stage"] == 60.54 and (r50.drop("two-stage") == 25.56).all()
     runs = data / "runs" / "mpm"
-    for run in ("at_mpm", "at_mpm_object", "at_mpm_sv1", "at_twostage", "at_mpm_lambda2"):  # notebook 04's CF labels
+    for run in ("at_mpm", "at_mpm_object", "at_mpm_sv1", "at_twostage"):  # notebook 04's CF labels
         assert json.loads((runs / run / "done.json").read_text())["config"]["seg_dir"] == "seg_pseudo_cf", run
     assert json.loads((runs / "at_mpm_real" / "done.json").read_text())["config"]["seg_dir"] == "seg"
+    assert not any(runs.glob("at_mpm_lambda*"))  # Fig. A1's λ sweep is notebook 09's (on T-PIN++)
 
 
 def test_robustness_notebook(smoke_run):
@@ -189,6 +189,26 @@ def test_detection_transfer_notebook(smoke_run):
     assert set(rec.evaluation) == {"clean", "A_cls", "A_reg"} and rec.images.eq(8).all()
     meta = json.loads((results / "run_meta" / "08_detection_transfer.json").read_text())
     assert set(meta["runs"]) == {"clean", "vanilla AT", "MPM AT"} and meta["profile"] == "smoke"
+
+
+def test_tiny_pinpp_notebook(smoke_run):
+    """Notebook 09 after 05: the T-PIN++ tree of the release's Tiny-ImageNet classes, three AT runs from 05's clean run,
+    Table A5 (the WRN without its file: how to get it) and Fig. A1."""
+    data, results = smoke_run
+    nb = ROOT / "notebooks" / "09_tiny_pinpp.ipynb"
+    pm.execute_notebook(str(nb), str(results / nb.name), parameters={"DATA_ROOT": str(data), "RESULTS_DIR": str(results)},
+                        kernel_name="pinpp", cwd=str(ROOT / "notebooks"), progress_bar=False)
+    t = pd.read_csv(results / "tableA5_tiny_pinpp.csv")
+    assert list(t.model) == ["tiny ResNet vanilla AT", "tiny ResNet MPM AT", "WRN-28-10 (Wang et al. 2023), re-evaluated",
+                             "WRN-28-10 (Wang et al. 2023), published"]
+    assert t["Linf-4/255"][:2].between(0, 100).all() and (t["Linf-8/255"][:2] <= t["clean"][:2]).all()
+    assert t.source[2].startswith("weights not present: put tiny_linf_wrn28-10.pt")
+    tree = json.loads((data / "runs" / "tiny" / "tpinpp" / "tpinpp.json").read_text())
+    assert tree["classes"] == 5 and tree["train_images"] == 200 and tree["val_images"] == 20
+    _assert_real_figure(results / "figA1_lambda.png")
+    rec = pd.read_csv(results / "records" / "tiny_pinpp.csv.gz")
+    assert set(rec[rec.protocol == "figA1"].run) == {"tiny_plain", "tiny_mpm", "tiny_mpm_lambda2"}
+    assert json.loads((results / "run_meta" / "09_tiny_pinpp.json").read_text())["images"] == 20
 
 
 def test_few_shot_notebook(smoke_run):

@@ -39,6 +39,9 @@ SIZE_KEYS = {
     "few_shot.eval_episodes", "few_shot.workers", "few_shot.device",
     # Table A3: the release's object boxes stand in for COCO (absent here), 2 epochs with the lr step between them
     "det.dataset", "det.batch_size", "det.epochs", "det.lr_steps", "det.train_images", "det.eval_images", "det.workers",
+    # Table A5 / Fig. A1: the release's 2 images per class for Tiny-ImageNet's 500, the evaluation cut as notebook 05's
+    "tiny.per_class", "tiny.device", "tiny.eval_images", "tiny.at.batch_size", "tiny.at.max_steps", "tiny.at.workers",
+    "tiny.at.log_every", "tiny.eval.batch_size", "tiny.eval.clean_floor",
     "det.device",
 }
 
@@ -70,6 +73,8 @@ def test_rehearsal_differs_from_full_only_in_sizes(tmp_path):
     assert reh["mpm.eval.threats"] == full["mpm.eval.threats"] and len(reh["mpm.eval.threats"]) == 4
     assert reh["mpm.ablation_mode"] == "autoattack" and len(reh["robustness.mvh_datasets"]) == 17
     assert reh["det.arch"] == "r50" and reh["det.scale"] == (1333, 800) and reh["det.clean_init"] == "torchvision://resnet50"
+    assert reh["tiny.at.arch"] == "rx50" and reh["tiny.at.transform.size"] == 224 and reh["tiny.init"] == "torchvision_v2"
+    assert reh["tiny.classes"] == "tiny_imagenet" and reh["tiny.eval.mode"] == "autoattack"
 
 
 def test_rehearsal_results_stay_beside_its_data(tmp_path):
@@ -195,8 +200,12 @@ def test_rehearsal_runs_every_notebook(tmp_path):
         assert "no image of these classes" not in (results / "table4_pin_subset.csv").read_text()
         for name in ("table9_part_segmentation", "table10_object_segmentation", "table6_left_pseudo_labels", "table7_bypass_variants",
                      "tableA1_imagenet_c", "table8_model_vs_human", "table4_pin_subset", "table12_few_shot_5shot",
-                     "tableA3_detection_transfer"):
+                     "tableA3_detection_transfer", "tableA5_tiny_pinpp"):
             assert (results / f"{name}.csv").exists(), name
+        a5 = (results / "tableA5_tiny_pinpp.csv").read_text()  # ResNeXt-50 at 224 from torchvision's file, the WRN measured
+        assert "ResNeXt-50 (32×4d) MPM AT" in a5 and "public weights (measured here)" in a5
+        done = json.loads((data / "runs" / "tiny" / "rx50_mpm" / "done.json").read_text())
+        assert done["num_classes"] == 200 and done["arch"] == "rx50"
     finally:
         if not keep:
             shutil.rmtree(data, ignore_errors=True)  # ≈ 15 GB of full-size checkpoints; pytest keeps its last three tmp folders

@@ -121,6 +121,5 @@ def test_no_training_returns_the_finished_runs_only(converted, tmp_path):
     records = mx.run_evaluation(trained, s.mpm, x, y)
     assert records.empty and list(records.columns) == mx.RECORD_COLUMNS
     assert mx.table3(records, s.mpm.eval.threats).empty
-    mx.plot_lambda(mx.lambda_curve(records, s.mpm, "Linf-4/255"), tmp_path / "f.png", "Linf-4/255")
     tables.write_table(mx.variant_table(records, trained, {"x": "at_mpm"}, "Linf-4/255"), "table7_x", tmp_path / "r",
                        notebook="05", paper_table="Table 7", caption="c")
