@@ -53,12 +53,14 @@ class TinyConfig(Checked):
     sweep_threat: str = "Linf-4/255"
     eval_images: int = 0            # N images spread over the evaluation list; 0: every val image of the classes
     wrn_transform: str = "tiny_imagenet"  # how the 64-px WRN sees an IN-1K image (`tiny_pinpp.TINY_TRANSFORMS`)
+    wrn_class_order: str = "sorted"  # its logits' classes: sorted wnids (ImageFolder's order) | "file": 200_wnids.txt's
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     jobs: int = 1
     LIMITS: ClassVar[dict[str, Rule]] = {"classes": one_of("tiny_imagenet", "in_release"), "per_class": at_least(1),
                                          "seed": at_least(0), "sweep_arch": one_of(*models.ARCHS),
                                          "lambdas": each(at_least(0)), "sweep_threat": one_of(*robust_eval.THREATS),
                                          "eval_images": at_least(0), "wrn_transform": one_of(*tiny_pinpp.TINY_TRANSFORMS),
+                                         "wrn_class_order": one_of("sorted", "file"),
                                          "device": device_name, "jobs": at_least(1)}
 
 
@@ -163,9 +165,11 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return df
 
 
-def wrn_labels(paths: list[str]) -> torch.Tensor:
-    """Each '<wnid>/<file>''s index among the WRN's 200 logits (`tiny_pinpp.class_order`)."""
-    order = {w: i for i, w in enumerate(tiny_pinpp.class_order())}
+def wrn_labels(paths: list[str], order: str = "sorted") -> torch.Tensor:
+    """Each '<wnid>/<file>''s index among the WRN's 200 logits: sorted wnids (`tiny_pinpp.class_order`; unverified,
+    docs/FIDELITY.md) or ("file") the order of Tiny-ImageNet's wnid list."""
+    wnids = tiny_pinpp.class_order() if order == "sorted" else list(tiny_pinpp.TINY_WNIDS)
+    order = {w: i for i, w in enumerate(wnids)}
     return torch.tensor([order[p.split("/", 1)[0]] for p in paths])
 
 
@@ -178,7 +182,7 @@ def evaluate_wrn(cfg: TinyConfig, released: str | Path, tree: str | Path, paths:
     model = tiny_pinpp.load_dm_checkpoint(path)
     x = tiny_pinpp.tiny_batch([Path(tree) / "val_1w" / "img" / p for p in paths], transform=cfg.wrn_transform)
     work = Path(released) / "runs" / WRN_RUN / "aa"
-    recs = robust_eval.evaluate_or_skip(model, x, wrn_labels(paths), 200, cfg.eval, work, device=cfg.device)
+    recs = robust_eval.evaluate_or_skip(model, x, wrn_labels(paths, cfg.wrn_class_order), 200, cfg.eval, work, device=cfg.device)
     return _frame([{"run": WRN_RUN, "protocol": "tableA5", **r} for r in recs])
 
 

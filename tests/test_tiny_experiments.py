@@ -101,6 +101,8 @@ def test_wrn_from_a_file_in_their_format_on_the_same_images(tmp_path):
     assert all(k.startswith("module.0.") for k in keys) and len(keys) == len(tiny_pinpp.WideResNetSwish(200).state_dict())
     order = sorted(tiny_pinpp.TINY_WNIDS)
     assert tx.wrn_labels(paths).tolist() == [order.index("n02085620")] * 2 + [order.index("n01443537")] * 2
+    listed = list(tiny_pinpp.TINY_WNIDS)
+    assert tx.wrn_labels(paths, "file").tolist() == [listed.index("n02085620")] * 2 + [listed.index("n01443537")] * 2
     rec = tx.evaluate_wrn(cfg, released, tree, paths)
     assert len(rec) == 2 * len(paths) and set(rec.threat) == {"Linf-4/255", "Linf-8/255"} and set(rec.run) == {tx.WRN_RUN}
     model = tiny_pinpp.load_dm_checkpoint(released / tx.WRN_FILE)
