@@ -141,13 +141,15 @@ def test_standin_weights_load_through_the_libraries_own_paths(tmp_path):
     from mmengine.runner.checkpoint import CheckpointLoader
     from torchvision.models import ResNet50_Weights
     paths = pretrained.write_standins(tmp_path)
-    assert {p.name for p in paths} == {"resnet50-11ad3fa6.pth", "resnet50-0676ba61.pth", "resnet101-63fe2227.pth",
-                                       "model.safetensors"}
+    assert {p.name for p in paths} == {"resnet50-11ad3fa6.pth", "resnext50_32x4d-1a0047aa.pth", "resnet50-0676ba61.pth",
+                                       "resnet101-63fe2227.pth", "model.safetensors"}
     try:
         pretrained.use_cache(tmp_path)
         sd = ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=False)
         own = torch.load(tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth", weights_only=True)
         assert sd.keys() == own.keys() and all(torch.equal(sd[k], own[k]) for k in sd)
+        from torchvision.models import ResNeXt50_32X4D_Weights  # T-PIN++'s Table A5 init
+        assert "layer1.0.conv2.weight" in ResNeXt50_32X4D_Weights.IMAGENET1K_V2.get_state_dict(progress=False)
         mm = CheckpointLoader.load_checkpoint("torchvision://resnet101", map_location="cpu")
         assert "layer3.22.conv1.weight" in mm
         vit = timm.create_model(pretrained.VIT, pretrained=True)
