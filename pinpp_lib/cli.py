@@ -111,17 +111,18 @@ def _cmd_tiny_train(a: argparse.Namespace) -> int:
     from .training import train
     a.run = a.run or a.run_opt
     s = resolve(a.profile, data_root=a.data_root, seed=a.seed)
+    cfg = apply_overrides(s.tiny, _parse_sets(a.set), "tiny")  # every value checked before anything is read
     work = s.paths.work("tiny", a.work)
     # the run names do not depend on the init: check the name before the tree is built or an init is looked up
-    if a.run not in tx.plan(s.tiny, "none"):
-        raise PinppError(f"unknown run {a.run!r}; T-PIN++ runs of this profile: {', '.join(tx.plan(s.tiny, 'none'))}")
+    names = list(tx.plan(cfg, "none"))
+    if a.run not in names:
+        raise PinppError(f"unknown run {a.run!r}; T-PIN++ runs of this profile: {', '.join(names)}")
     rank, _, _ = distributed.setup()  # under torchrun: one process writes the tree (the same one notebook 09 builds)
     if rank == 0:
-        tx.build_tree(s.tiny, s.paths.converted, s.paths.imagenet_val, work / "tpinpp")
+        tx.build_tree(cfg, s.paths.converted, s.paths.imagenet_val, work / "tpinpp")
     distributed.barrier()
-    tc = apply_overrides(tx.plan(s.tiny, tx.resolve_init(s.tiny, s.paths.work("mpm", a.mpm_work)))[a.run], _parse_sets(a.set),
-                         "train config")
-    with jobs.job_threads(s.tiny.jobs):  # the numbers notebook 09 gets for this run
+    tc = tx.plan(cfg, tx.resolve_init(cfg, s.paths.work("mpm", a.mpm_work)))[a.run]
+    with jobs.job_threads(cfg.jobs):  # the numbers notebook 09 gets for this run
         result = train(tc, work / "tpinpp", work / a.run, resume=not a.restart)
     distributed.teardown()
     if result:
@@ -370,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--work", help="folder of the T-PIN++ tree and runs (default <data-root>/runs/tiny)")
     tt.add_argument("--mpm-work", help="notebook 05's runs, for tiny.init=mpm_clean_run (default <data-root>/runs/mpm)")
     tt.add_argument("--seed", type=int)
-    tt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
+    tt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a TinyConfig field (e.g. init=none, per_class=100; the recipe: at.epochs=10)")
     tt.add_argument("--restart", action="store_true", help="ignore existing checkpoints (default: resume)")
     tt.set_defaults(fn=_cmd_tiny_train)
 

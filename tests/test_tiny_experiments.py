@@ -3,6 +3,7 @@ evaluation from a file in DM-Improves-AT's format, Table A5 and Fig. A1 from per
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -180,3 +181,20 @@ def test_cli_names_the_runs_of_the_profile(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pinpp_lib", "tiny-train", "rx50_nope", "--data-root", str(tmp_path)],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode != 0 and "unknown run 'rx50_nope'; T-PIN++ runs of this profile: tiny_plain, tiny_mpm, tiny_mpm_lambda2" in out.stderr
+
+
+def test_tiny_train_under_torchrun(pseudo_converted, synth, tmp_path):
+    """`pinpp tiny-train` in two processes (DDP, gloo): rank 0 writes the tree while the other waits at the barrier,
+    then both train the run; `--set` takes TinyConfig fields (the recipe under `at.`)."""
+    root = tmp_path / "d"
+    (root / "synthetic" / "imagenet").mkdir(parents=True)
+    (root / "converted").symlink_to(pseudo_converted)
+    (root / "synthetic" / "imagenet" / "val").symlink_to(synth / "imagenet" / "val")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29551",
+                        "-m", "pinpp_lib", "tiny-train", "tiny_plain", "--data-root", str(root), "--set", "init=none",
+                        "--set", "per_class=4", "--set", "at.max_steps=1", "--set", "at.batch_size=8"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = json.loads((root / "runs" / "tiny" / "tiny_plain" / "done.json").read_text())
+    assert done["num_classes"] == 5 and done["config"]["init"] == "none" and done["config"]["max_steps"] == 1
+    assert json.loads((root / "runs" / "tiny" / "tpinpp" / "tpinpp.json").read_text())["train_images"] == 20
