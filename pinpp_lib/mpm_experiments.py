@@ -198,7 +198,7 @@ def run_evaluation(trained: dict[str, dict], cfg: ExperimentConfig, x: torch.Ten
     """Per-image records of every AT run under two protocols (column `protocol`):
 
     "table3"    `cfg.eval` (all four threats in full), Table 3's runs only;
-    "ablation"  `ablation_threats` / `ablation_mode`, every AT run, so that Tables 7, A4, 6-right and
+    "ablation"  `ablation_threats` / `ablation_mode`, every AT run, so that Tables 7, A4 and 6-right
                 compare like with like. Identical shards are computed once (records are cached).
     A run below the clean-accuracy floor is recorded (clean flags) but not attacked. Runs are evaluated
     `cfg.jobs` at a time (each attack with one CPU thread when side by side).
