@@ -9,6 +9,8 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
+from typing import Any
 
 from . import distributed, jobs
 from .fileio import PinppError
@@ -86,7 +88,6 @@ def _parse_sets(items: list[str]) -> dict:
 def _cmd_train(a: argparse.Namespace) -> int:
     from . import mpm_experiments as mx
     from .config import apply_overrides, resolve
-    from .training import train
     a.run = a.run or a.run_opt
     s = resolve(a.profile, data_root=a.data_root, seed=a.seed)
     runs = mx.plan(s.mpm)
@@ -97,8 +98,14 @@ def _cmd_train(a: argparse.Namespace) -> int:
     tc = apply_overrides(runs[a.run], sets, "train config")  # every value checked before anything is read
     if "init" not in sets:  # a user's --set init=... wins over the profile's init
         tc = mx.resolve_init(a.run, tc, s.mpm, work)
-    with jobs.job_threads(s.mpm.jobs):  # the numbers notebook 05 gets for this run
-        result = train(tc, s.paths.converted, work / a.run, resume=not a.restart)
+    return _train_one(tc, s.paths.converted, work / a.run, s.mpm.jobs, a.restart)  # the numbers notebook 05 gets
+
+
+def _train_one(tc: Any, data: Path, out: Path, n_jobs: int, restart: bool) -> int:
+    """One training run with the thread count its notebook uses (`jobs`), the process group closed, the result printed."""
+    from .training import train
+    with jobs.job_threads(n_jobs):
+        result = train(tc, data, out, resume=not restart)
     distributed.teardown()
     if result:
         print(json.dumps({k: v for k, v in result.items() if k not in ("config", "classes")}, indent=1))
@@ -108,7 +115,6 @@ def _cmd_train(a: argparse.Namespace) -> int:
 def _cmd_tiny_train(a: argparse.Namespace) -> int:
     from . import tiny_experiments as tx
     from .config import apply_overrides, resolve
-    from .training import train
     a.run = a.run or a.run_opt
     s = resolve(a.profile, data_root=a.data_root, seed=a.seed)
     cfg = apply_overrides(s.tiny, _parse_sets(a.set), "tiny")  # every value checked before anything is read
@@ -122,12 +128,7 @@ def _cmd_tiny_train(a: argparse.Namespace) -> int:
         tx.build_tree(cfg, s.paths.converted, s.paths.imagenet_val, work / "tpinpp")
     distributed.barrier()
     tc = tx.plan(cfg, tx.resolve_init(cfg, s.paths.work("mpm", a.mpm_work)))[a.run]
-    with jobs.job_threads(cfg.jobs):  # the numbers notebook 09 gets for this run
-        result = train(tc, work / "tpinpp", work / a.run, resume=not a.restart)
-    distributed.teardown()
-    if result:
-        print(json.dumps({k: v for k, v in result.items() if k not in ("config", "classes")}, indent=1))
-    return 0
+    return _train_one(tc, work / "tpinpp", work / a.run, cfg.jobs, a.restart)  # the numbers notebook 09 gets
 
 
 def _cmd_eval_aa(a: argparse.Namespace) -> int:
@@ -351,30 +352,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int)
     r.set_defaults(fn=_cmd_prepare)
 
-    tr = sub.add_parser("train", help="train one run of notebook 05 (also under torchrun for DDP)")
-    # positional: torchrun's own parser would take `--run` for an abbreviation of its `--run-path`
-    tr.add_argument("run", nargs="?", help="run name, e.g. at_mpm, at_plain, clean_vanilla (see notebook 05)")
-    tr.add_argument("--run", dest="run_opt", metavar="RUN", help="the same, as an option (not under torchrun)")
-    tr.add_argument("--profile", default="smoke", choices=PROFILES)
-    tr.add_argument("--data-root")
-    tr.add_argument("--work", help="folder of the runs (default <data-root>/runs/mpm)")
-    tr.add_argument("--seed", type=int)
-    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
-    tr.add_argument("--restart", action="store_true", help="ignore existing checkpoints (default: resume)")
-    tr.set_defaults(fn=_cmd_train)
-
-    tt = sub.add_parser("tiny-train", help="train one T-PIN++ run of notebook 09 (Table A5, Fig. A1; also under torchrun)")
-    tt.add_argument("run", nargs="?", help="run name, e.g. rx50_mpm, rx50_plain, r50_mpm_lambda2 (see notebook 09)")
-    tt.add_argument("--run", dest="run_opt", metavar="RUN", help="the same, as an option (not under torchrun)")
-    tt.add_argument("--profile", default="smoke", choices=PROFILES)
-    tt.add_argument("--data-root")
-    tt.add_argument("--work", help="folder of the T-PIN++ tree and runs (default <data-root>/runs/tiny)")
-    tt.add_argument("--mpm-work", help="notebook 05's runs, for tiny.init=mpm_clean_run (default <data-root>/runs/mpm)")
-    tt.add_argument("--seed", type=int)
-    tt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a TinyConfig field (e.g. init=none, per_class=100; the recipe: at.epochs=10)")
-    tt.add_argument("--restart", action="store_true", help="ignore existing checkpoints (default: resume)")
-    tt.set_defaults(fn=_cmd_tiny_train)
+    for name, fn, text, example, work, sets in (
+            ("train", _cmd_train, "train one run of notebook 05 (also under torchrun for DDP)",
+             "e.g. at_mpm, at_plain, clean_vanilla (see notebook 05)", "folder of the runs (default <data-root>/runs/mpm)",
+             "override a TrainConfig field"),
+            ("tiny-train", _cmd_tiny_train, "train one T-PIN++ run of notebook 09 (Table A5, Fig. A1; also under torchrun)",
+             "e.g. rx50_mpm, rx50_plain, r50_mpm_lambda2 (see notebook 09)",
+             "folder of the T-PIN++ tree and runs (default <data-root>/runs/tiny)",
+             "override a TinyConfig field (e.g. init=none, per_class=100; the recipe: at.epochs=10)")):
+        tr = sub.add_parser(name, help=text)
+        # positional: torchrun's own parser would take `--run` for an abbreviation of its `--run-path`
+        tr.add_argument("run", nargs="?", help=f"run name, {example}")
+        tr.add_argument("--run", dest="run_opt", metavar="RUN", help="the same, as an option (not under torchrun)")
+        tr.add_argument("--profile", default="smoke", choices=PROFILES)
+        tr.add_argument("--data-root")
+        tr.add_argument("--work", help=work)
+        if name == "tiny-train":
+            tr.add_argument("--mpm-work", help="notebook 05's runs, for tiny.init=mpm_clean_run (default <data-root>/runs/mpm)")
+        tr.add_argument("--seed", type=int)
+        tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=sets)
+        tr.add_argument("--restart", action="store_true", help="ignore existing checkpoints (default: resume)")
+        tr.set_defaults(fn=fn)
 
     ev = sub.add_parser("eval-aa", help="AutoAttack (or PGD dev mode) per-image records for a trained run")
     ev.add_argument("--run-dir", required=True)

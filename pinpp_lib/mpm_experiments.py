@@ -207,23 +207,29 @@ def run_evaluation(trained: dict[str, dict], cfg: ExperimentConfig, x: torch.Ten
     # this notebook's tables hold AT models; the clean runs are notebook 06's (and smoke's init)
     names = [name for name, res in trained.items() if res["config"].get("adversarial", True)]
     order = sorted(names, key=lambda n: n not in TABLE3_RUNS)  # the costly AutoAttack jobs start first, side by side
-    per_run = dict(zip(order, jobs.map_jobs(_evaluate_run, [(n, trained[n]["out"], cfg, ablation, x, y) for n in order],
-                                            cfg.jobs, "evaluating runs")))
-    rows = [row for name in names for row in per_run[name]]
-    df = pd.DataFrame(rows, columns=None if rows else RECORD_COLUMNS)  # no AT run finished: the columns all the same
-    df["robust"] = df["robust"].map(lambda v: np.nan if v is None else float(v))  # NaN: not attacked
-    return df
+    args = [(n, trained[n]["out"], ([("table3", cfg.eval)] if n in TABLE3_RUNS else []) + [("ablation", ablation)],
+             cfg.device, x, y) for n in order]
+    per_run = dict(zip(order, jobs.map_jobs(evaluate_run, args, cfg.jobs, "evaluating runs")))
+    return records_frame([row for name in names for row in per_run[name]])
 
 
-def _evaluate_run(name: str, out: str, cfg: ExperimentConfig, ablation: EvalConfig, x: torch.Tensor,
-                  y: torch.Tensor) -> list[dict[str, Any]]:
-    """One run's records under its protocols (a job of `run_evaluation`)."""
-    model, meta = load_trained(out, cfg.device)
+def evaluate_run(name: str, out: str | Path, protocols: list[tuple[str, EvalConfig]], device: str, x: torch.Tensor,
+                 y: torch.Tensor) -> list[dict[str, Any]]:
+    """One trained run's per-image records under each (protocol, evaluation) pair — a job of `run_evaluation` and of
+    notebook 09's `tiny_experiments.evaluate_runs`. The same threat twice is computed once (records are cached)."""
+    model, meta = load_trained(out, device)
     rows = []
-    for protocol, ecfg in ([("table3", cfg.eval)] if name in TABLE3_RUNS else []) + [("ablation", ablation)]:
-        recs = robust_eval.evaluate_or_skip(model, x, y, meta["num_classes"], ecfg, Path(out) / "aa", device=cfg.device)
+    for protocol, ecfg in protocols:
+        recs = robust_eval.evaluate_or_skip(model, x, y, meta["num_classes"], ecfg, Path(out) / "aa", device=device)
         rows += [{"run": name, "protocol": protocol, **r} for r in recs]
     return rows
+
+
+def records_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Per-image record rows as a frame: the columns all the same when there are none, robust NaN where not attacked."""
+    df = pd.DataFrame(rows, columns=None if rows else RECORD_COLUMNS)
+    df["robust"] = df["robust"].map(lambda v: np.nan if v is None else float(v))
+    return df
 
 
 def _acc(records: pd.DataFrame, run: str, threat: str, col: str = "robust",

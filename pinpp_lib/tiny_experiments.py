@@ -27,9 +27,9 @@ from . import fileio, jobs, models, plots, reporting, robust_eval, tiny_pinpp
 from .checks import Checked, Rule, at_least, device_name, each, one_of
 from .datasets import val_dataset
 from .fileio import PinppError
-from .mpm_experiments import ExperimentConfig, backbone_weights, eval_images, run_training
+from .mpm_experiments import ExperimentConfig, backbone_weights, eval_images, evaluate_run, records_frame, run_training
 from .robust_eval import EvalConfig
-from .training import TrainConfig, load_trained
+from .training import TrainConfig
 
 WRN_FILE = "tiny_linf_wrn28-10.pt"  # where <released>/ holds Wang et al.'s checkpoint (their file name)
 WRN_URL = "https://huggingface.co/wzekai99/DM-Improves-AT1/resolve/main/checkpoint/tiny_linf_wrn28-10.pt"
@@ -138,31 +138,14 @@ def evaluation_set(cfg: TinyConfig, tree: str | Path) -> tuple[list[str], torch.
     return [samples[i][0] for i in index], x, y
 
 
-def _evaluate_run(name: str, out: str, protocols: list[tuple[str, EvalConfig]], device: str, x: torch.Tensor,
-                  y: torch.Tensor) -> list[dict[str, Any]]:
-    model, meta = load_trained(out, device)
-    rows = []
-    for protocol, ecfg in protocols:  # the same threat twice is computed once (records are cached per threat)
-        recs = robust_eval.evaluate_or_skip(model, x, y, meta["num_classes"], ecfg, Path(out) / "aa", device=device)
-        rows += [{"run": name, "protocol": protocol, **r} for r in recs]
-    return rows
-
-
 def evaluate_runs(trained: dict[str, dict], cfg: TinyConfig, x: torch.Tensor, y: torch.Tensor) -> pd.DataFrame:
     """Per-image records: Table A5's runs at `cfg.eval`'s threats ("tableA5"), Fig. A1's at `sweep_threat` ("figA1")."""
     a5, a1 = set(table_runs(cfg).values()), {run for _, run in sweep_points(cfg)}
     sweep = dataclasses.replace(cfg.eval, threats=(cfg.sweep_threat,))
     names = [n for n in trained if n in a5 | a1]
-    args = [(n, trained[n]["out"], [p for p, keep in ((("tableA5", cfg.eval), n in a5), (("figA1", sweep), n in a1)) if keep],
+    args = [(n, trained[n]["out"], ([("tableA5", cfg.eval)] if n in a5 else []) + ([("figA1", sweep)] if n in a1 else []),
              cfg.device, x, y) for n in names]
-    rows = [r for recs in jobs.map_jobs(_evaluate_run, args, cfg.jobs, "evaluating T-PIN++ runs") for r in recs]
-    return _frame(rows)
-
-
-def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=None if rows else ["run", "protocol", "index", "label", "threat", "standard", "clean", "robust"])
-    df["robust"] = df["robust"].map(lambda v: np.nan if v is None else float(v))  # NaN: not attacked
-    return df
+    return records_frame([r for recs in jobs.map_jobs(evaluate_run, args, cfg.jobs, "evaluating T-PIN++ runs") for r in recs])
 
 
 def wrn_labels(paths: list[str], order: str = "sorted") -> torch.Tensor:
@@ -183,7 +166,7 @@ def evaluate_wrn(cfg: TinyConfig, released: str | Path, tree: str | Path, paths:
     x = tiny_pinpp.tiny_batch([Path(tree) / "val_1w" / "img" / p for p in paths], transform=cfg.wrn_transform)
     work = Path(released) / "runs" / WRN_RUN / "aa"
     recs = robust_eval.evaluate_or_skip(model, x, wrn_labels(paths, cfg.wrn_class_order), 200, cfg.eval, work, device=cfg.device)
-    return _frame([{"run": WRN_RUN, "protocol": "tableA5", **r} for r in recs])
+    return records_frame([{"run": WRN_RUN, "protocol": "tableA5", **r} for r in recs])
 
 
 def write_wrn_standin(path: str | Path, seed: int = 0) -> Path:
