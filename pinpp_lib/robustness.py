@@ -61,10 +61,11 @@ class RobustnessConfig(Checked):
     subset_eval: EvalConfig = field(default_factory=lambda: EvalConfig(threats=("Linf-4/255",)))
     batch_size: int = 250
     images: int = 0                       # rehearsal: at most N images per OOD / model-vs-human set, spread over it; 0: all
+    subset_images: int = 0                # rehearsal: Tables 4/5 attack at most N of the listed classes' images; 0: all
     seed: int = 0
     LIMITS: ClassVar[dict[str, Rule]] = {"corruptions": each(one_of(*CORRUPTIONS)), "severities": each(between(1, 5)),
                                          "mvh_datasets": each(one_of(*MVH_DATASETS)), "batch_size": at_least(1),
-                                         "images": at_least(0), "imagenet_c_crop_pct": between(0.5, 1.0),
+                                         "images": at_least(0), "subset_images": at_least(0), "imagenet_c_crop_pct": between(0.5, 1.0),
                                          "imagenet_c_images": one_of("val", "eval_list"),
                                          "square_resize": each(one_of("imagenet_a_plus", "imagenet_sketch", "stylized_imagenet")),
                                          "seed": at_least(0)}
@@ -129,11 +130,12 @@ def load_models(trained: dict[str, dict], device: str) -> tuple[dict[str, nn.Mod
 
 
 def subset_records(models: dict[str, nn.Module], trained: dict[str, dict], fn: Any, x: Any, y: Any, classes: list[str],
-                   lists: Any, cfg: EvalConfig, device: str) -> pd.DataFrame:
-    """Records of `fn` (pin_subsets.evaluate_subset / evaluate_supercategories) for every model."""
+                   lists: Any, cfg: EvalConfig, device: str, images: int = 0) -> pd.DataFrame:
+    """Records of `fn` (pin_subsets.evaluate_subset / evaluate_supercategories) for every model; `images`:
+    `RobustnessConfig.subset_images`."""
     return pd.DataFrame([{"model": label, **r} for label, model in models.items()
                          for r in fn(model, x, y, classes, lists, cfg, Path(trained[MODELS[label]]["out"]) / "pin_subsets",
-                                     device=device)])
+                                     device=device, images=images)])
 
 
 def subset_protocol_note(cfg: EvalConfig) -> str:

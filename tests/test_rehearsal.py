@@ -31,6 +31,7 @@ SIZE_KEYS = {
     "synth.parts_total", "synth.discard_rate", "convert.workers", "weights.cache", "weights.standins",
     "mpm.device", "mpm.eval_images", "mpm.at.batch_size", "mpm.at.max_steps", "mpm.at.workers", "mpm.at.log_every",
     "mpm.eval.batch_size", "mpm.eval.clean_floor", "robustness.standins", "robustness.batch_size", "robustness.images",
+    "robustness.subset_images",
     "robustness.subset_eval.batch_size", "robustness.subset_eval.clean_floor",
     "robustness.pin_supercategories",  # the stand-in lists of the synthetic classes (the shipped 158 are absent)
     "seg.iters", "seg.batch_size", "seg.workers", "seg.log_every", "seg.test_batch", "seg.eval_images", "seg.device",

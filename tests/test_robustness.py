@@ -231,6 +231,11 @@ def test_subset_and_supercategory_records(tmp_path):
     supers = {"n00000001": "A", "n00000002": "B", "n00000003": "B"}
     recs = pd.DataFrame(PS.evaluate_supercategories(model, x, y, classes, supers, cfg, tmp_path))
     assert sorted(recs["index"]) == [0, 1, 2, 4, 5] and recs.set_index("index").clean.to_dict() == {0: False, 1: True, 2: True, 4: True, 5: True}
+    # the rehearsal's cap (RobustnessConfig.subset_images): every k-th listed image, k = ceil(listed / cap)
+    capped = pd.DataFrame(PS.evaluate_subset(model, x, y, classes, ["n00000003", "n00000004"], cfg, tmp_path, images=2))
+    assert sorted(capped["index"]) == [2, 5]  # of [2, 3, 5]: step 2
+    capped = pd.DataFrame(PS.evaluate_supercategories(model, x, y, classes, supers, cfg, tmp_path, images=2))
+    assert sorted(capped["index"]) == [0, 4] and capped.set_index("index").clean.to_dict() == {0: False, 4: True}  # step 3
     with pytest.raises(PinppError, match="not classes of the model"):
         PS.evaluate_subset(model, x, y, classes, ["n09999999"], cfg, tmp_path)
     weak = PS.evaluate_subset(FixedLogits([0.0, 0.0, 0.0, 9.0]), x, y, classes, ["n00000002", "n00000003"],
