@@ -117,8 +117,7 @@ def _select(y: torch.Tensor, model_classes: list[str], wnids: list[str], where: 
         raise PinppError(f"{where}: {len(missing)} listed class(es) (e.g. {missing[0]}) are not classes of the model")
     listed = torch.tensor([col[w] for w in wnids])
     idx = torch.isin(y, listed).nonzero().squeeze(1)
-    # a rehearsal cap: an untrained model is "robust" on most super-category images, so AutoAttack runs every stage in
-    # full on each of them (≈ 40 min per model for 16 images at 224 px on 2 cores); the code path is the same for fewer
+    # `images` > 0 only in the rehearsal (why: its `robustness.subset_images` in config.py); same code path for fewer
     return [col[w] for w in wnids], idx[spread(list(range(len(idx))), images)]
 
 
