@@ -172,26 +172,48 @@ def test_standins_are_never_written_into_a_default_cache(tmp_path):
         prepare.prepare_data(s)
 
 
+def record_attempt(path: Path, attempt: dict) -> None:
+    """Write `attempt` (commit, start, seconds per notebook so far, state) as the last entry of the runtime file's
+    "attempts", keeping the earlier attempts: a rehearsal resumed in a later session (PINPP_REHEARSAL_DIR) then
+    reports what each attempt ran, and an attempt that failed or was stopped keeps what it measured."""
+    before = fileio.read_json(path) if path.exists() else {"attempts": []}
+    # a file of the earlier format ({notebook: seconds, "total"}) is one passed attempt of an unknown start
+    runs = before["attempts"] if "attempts" in before else [{"started": "?", "state": "passed", "seconds": before}]
+    runs = [r for r in runs if r["started"] != attempt["started"]] + [attempt]
+    fileio.write_json(path, {"note": "seconds per notebook and attempt; an attempt reuses every job an earlier one "
+                                     "finished, so its times count only what ran again", "attempts": runs}, indent=1)
+
+
 @pytest.mark.slow
 def test_rehearsal_runs_every_notebook(tmp_path):
     """Every notebook under the rehearsal profile; the runtime per notebook is written to
-    <results>/rehearsal_runtime.json and printed. PINPP_REHEARSAL_DIR=<folder>: data and results there, kept, so that a
-    second attempt reuses every finished job (its times then count only what ran again)."""
+    <results>/rehearsal_runtime.json after each notebook (`record_attempt`) and printed. PINPP_REHEARSAL_DIR=<folder>:
+    data and results there, kept, so that a second attempt reuses every finished job (its times then count only what
+    ran again; the file keeps every attempt's)."""
+    from pinpp_lib import runmeta
     keep = os.environ.get("PINPP_REHEARSAL_DIR")
     base = Path(keep) if keep else tmp_path
     data, results = base / "data", base / "results"
     (results / "executed").mkdir(parents=True, exist_ok=True)  # papermill writes into an existing folder only
-    times = {}
+    attempt = {**runmeta.git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "state": "running",
+               "seconds": {}}
+    times = attempt["seconds"]
     try:
         for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
             t0 = time.time()
-            pm.execute_notebook(str(nb), str(results / "executed" / nb.name), kernel_name="pinpp",
-                                cwd=str(ROOT / "notebooks"), progress_bar=False,
-                                parameters={"PROFILE": "rehearsal", "DATA_ROOT": str(data), "RESULTS_DIR": str(results)})
+            try:
+                pm.execute_notebook(str(nb), str(results / "executed" / nb.name), kernel_name="pinpp",
+                                    cwd=str(ROOT / "notebooks"), progress_bar=False,
+                                    parameters={"PROFILE": "rehearsal", "DATA_ROOT": str(data), "RESULTS_DIR": str(results)})
+            except BaseException:  # failed, or stopped (Ctrl-C): the time it ran is still measured
+                times[nb.stem] = round(time.time() - t0, 1)
+                record_attempt(results / "rehearsal_runtime.json", {**attempt, "state": f"{nb.stem} did not finish"})
+                raise
             times[nb.stem] = round(time.time() - t0, 1)
-        times["total"] = round(sum(times.values()), 1)
-        fileio.write_json(results / "rehearsal_runtime.json", times, indent=1)
-        print("rehearsal runtime (s):", json.dumps(times))
+            record_attempt(results / "rehearsal_runtime.json", attempt)
+        attempt.update(state="passed", total=round(sum(times.values()), 1))
+        record_attempt(results / "rehearsal_runtime.json", attempt)
+        print("rehearsal runtime (s):", json.dumps(times), "total", attempt["total"])
         t3 = (results / "table3_mpm_autoattack.csv").read_text()
         assert "vanilla AT" in t3 and "MPM AT" in t3 and "L1-75" in t3 and "Linf-8/255" in t3
         # every released model (the authors' two, the zoo's seven) imported from its stand-in file and measured
@@ -249,3 +271,19 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert steps["gpu_tests"] in (0, 5)  # 5: every test skipped (no CUDA here)
     assert report["bench_train"]["mpm_at_over_vanilla_at"] > 0 and report["bench_data"]["loader_img_mask_s"] > 0
     assert report["profile"]["ratio"] > 0 and report["profile"]["added_ops_ms"]
+
+
+def test_record_attempt_keeps_earlier_attempts_and_updates_the_running_one(tmp_path):
+    """The rehearsal's runtime file: one entry per attempt, the running one rewritten as notebooks finish."""
+    path = tmp_path / "rehearsal_runtime.json"
+    first = {"commit": "a", "started": "2026-12-01T10:00:00Z", "state": "00_x did not finish", "seconds": {"00_x": 5.0}}
+    path.write_text(json.dumps({"00_x": 9.0, "total": 9.0}))  # the earlier format
+    record_attempt(path, first)
+    second = {"commit": "b", "started": "2026-12-02T10:00:00Z", "state": "running", "seconds": {"00_x": 1.0}}
+    record_attempt(path, second)
+    record_attempt(path, {**second, "state": "passed", "seconds": {"00_x": 1.0, "01_y": 2.0}, "total": 3.0})
+    runs = json.loads(path.read_text())["attempts"]
+    assert runs[0] == {"started": "?", "state": "passed", "seconds": {"00_x": 9.0, "total": 9.0}}
+    runs = runs[1:]
+    assert [r["commit"] for r in runs] == ["a", "b"] and runs[0] == first
+    assert runs[1]["state"] == "passed" and runs[1]["seconds"] == {"00_x": 1.0, "01_y": 2.0} and runs[1]["total"] == 3.0
