@@ -211,7 +211,7 @@ def test_rehearsal_runs_every_notebook(tmp_path):
                 raise
             times[nb.stem] = round(time.time() - t0, 1)
             record_attempt(results / "rehearsal_runtime.json", attempt)
-        attempt.update(state="passed", total=round(sum(times.values()), 1))
+        attempt.update(state="every notebook ran", total=round(sum(times.values()), 1))  # the checks below follow
         record_attempt(results / "rehearsal_runtime.json", attempt)
         print("rehearsal runtime (s):", json.dumps(times), "total", attempt["total"])
         t3 = (results / "table3_mpm_autoattack.csv").read_text()
