@@ -18,7 +18,7 @@ import papermill as pm
 import pytest
 import torch
 
-from pinpp_lib import config, fileio, pretrained, synthetic
+from pinpp_lib import config, fileio, pretrained, runmeta, synthetic
 from pinpp_lib.fileio import PinppError
 from pinpp_lib.synthetic_shapes import ClassTemplate, PartTemplate, Placement
 
@@ -190,29 +190,27 @@ def test_rehearsal_runs_every_notebook(tmp_path):
     <results>/rehearsal_runtime.json after each notebook (`record_attempt`) and printed. PINPP_REHEARSAL_DIR=<folder>:
     data and results there, kept, so that a second attempt reuses every finished job (its times then count only what
     ran again; the file keeps every attempt's)."""
-    from pinpp_lib import runmeta
     keep = os.environ.get("PINPP_REHEARSAL_DIR")
     base = Path(keep) if keep else tmp_path
     data, results = base / "data", base / "results"
     (results / "executed").mkdir(parents=True, exist_ok=True)  # papermill writes into an existing folder only
+    runtime = results / "rehearsal_runtime.json"
     attempt = {**runmeta.git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "state": "running",
                "seconds": {}}
     times = attempt["seconds"]
     try:
         for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
-            t0 = time.time()
+            t0, ran = time.time(), False
             try:
                 pm.execute_notebook(str(nb), str(results / "executed" / nb.name), kernel_name="pinpp",
                                     cwd=str(ROOT / "notebooks"), progress_bar=False,
                                     parameters={"PROFILE": "rehearsal", "DATA_ROOT": str(data), "RESULTS_DIR": str(results)})
-            except BaseException:  # failed, or stopped (Ctrl-C): the time it ran is still measured
+                ran = True
+            finally:  # also when it failed or was stopped (Ctrl-C): the time it ran is measured
                 times[nb.stem] = round(time.time() - t0, 1)
-                record_attempt(results / "rehearsal_runtime.json", {**attempt, "state": f"{nb.stem} did not finish"})
-                raise
-            times[nb.stem] = round(time.time() - t0, 1)
-            record_attempt(results / "rehearsal_runtime.json", attempt)
+                record_attempt(runtime, attempt if ran else {**attempt, "state": f"{nb.stem} did not finish"})
         attempt.update(state="every notebook ran", total=round(sum(times.values()), 1))  # the checks below follow
-        record_attempt(results / "rehearsal_runtime.json", attempt)
+        record_attempt(runtime, attempt)
         print("rehearsal runtime (s):", json.dumps(times), "total", attempt["total"])
         t3 = (results / "table3_mpm_autoattack.csv").read_text()
         assert "vanilla AT" in t3 and "MPM AT" in t3 and "L1-75" in t3 and "Linf-8/255" in t3
